@@ -1,0 +1,163 @@
+"""Generating text: the naive reference and the cached prefill / decode-step loop.
+
+Shape legend: B batch, T prompt length, N new tokens, V vocab_size.
+
+Generation is a handful of small functions:
+    next_token       logits (B, V) -> token ids (B, 1) via `kvlab.sampling`
+    generate_naive   re-run the model over the whole sequence for every new token: O(N²)
+                     work, no state, obviously correct — the reference
+    prefill          run the prompt once, filling the cache; logits of the last position
+    decode_step      feed one token at the next position, reading and extending the cache
+    generate         validate everything, then prefill + decode steps (or the naive loop)
+Built in chapter 4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .gpt import GPT
+from .sampling import check_sampling_args, logits_to_probs, sample
+
+__all__ = ["next_token", "generate_naive", "prefill", "decode_step", "generate"]
+
+
+def next_token(
+    logits: Tensor, *, temperature: float = 1.0, top_k=None, top_p=None, min_p=None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Choose the next token (B, 1) from last-position logits (B, V). temperature=0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return sample(logits_to_probs(logits, temperature, top_k, top_p, min_p), generator)
+
+
+@torch.inference_mode()
+def generate_naive(model: GPT, idx: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+    """Generate by recomputing the whole sequence every step: the reference the cache must match.
+
+    Step t runs the model over T + t tokens, so N new tokens cost O(N·(T+N)) token-forwards
+    instead of O(T+N). Takes the same sampling keywords as `generate`. Built in chapter 4.
+    """
+    return generate(model, idx, max_new_tokens, use_cache=False, **sampling)
+
+
+@torch.inference_mode()
+def prefill(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
+    """Run the prompt (B, T) through the model at positions 0..T-1, filling `cache`.
+
+    Returns the logits (B, V) for the token after the prompt. The whole prompt goes through in
+    one batched forward pass, which is why time-to-first-token is much less than T decode
+    steps. Built in chapter 4.
+    """
+    start = model.check_inputs(idx, cache, 0)
+    return model._forward(idx, cache, start, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model: GPT, token: Tensor, cache: KVCache) -> Tensor:
+    """Feed one new token per sequence (B, 1) at position `cache.length`; return logits (B, V).
+
+    Only this token's query, key and value are computed; its key and value are appended to the
+    cache and its query attends over everything cached. Built in chapter 4.
+    """
+    start = cache.length
+    return model._forward(token, cache, start, last_only=True)[:, -1]
+
+
+def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
+                         generator, eos_id, cache) -> int:
+    """Every argument of `generate`, checked before any work. Returns the prompt length."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
+    model.check_inputs(idx)  # type, shape, dtype, non-empty, ids in the vocabulary
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling_args(temperature, top_k, top_p, min_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    V = model.config.vocab_size
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < V):
+        raise ValueError(f"eos_id must be None or an int in [0, {V - 1}], got {eos_id!r}")
+    if cache is not None:
+        if not use_cache:
+            raise ValueError("a cache was passed with use_cache=False; pass one or the other")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
+        if cache.batch_size != idx.size(0):
+            raise ValueError(f"cache was made for batch_size={cache.batch_size}, the prompt has {idx.size(0)} rows")
+    B, T = idx.shape
+    total = T + max_new_tokens
+    window = cache.window if cache is not None and cache.kind == "sliding" else model.config.window
+    slides = model.config.pos == "rope" and window is not None
+    if total > model.config.max_seq_len and not slides:
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
+            f"max_seq_len={model.config.max_seq_len}; shorten one, or use a RoPE model with a sliding window")
+    if cache is not None and cache.kind == "static" and total - 1 > cache.max_seq_len:
+        raise ValueError(f"cache too small: it holds {cache.max_seq_len} positions, generation needs {total - 1}")
+    return T
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    use_cache: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    cache: KVCache | None = None,
+) -> Tensor:
+    """Continue the prompts `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
+
+    temperature=0 is greedy; top_k None/0, top_p None/1.0 and min_p None/0 switch those filters
+    off. With `eos_id`, a sequence that emits it is padded with it afterwards and generation
+    stops once every sequence has. `use_cache=False` runs the naive recompute-everything loop.
+    A `cache` you pass (e.g. `model.new_cache(B, kind="sliding", window=64)`) is reset first;
+    by default a static cache just large enough is made. Built in chapter 4.
+    """
+    T = _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
+                             generator, eos_id, cache)
+    B = idx.size(0)
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    if max_new_tokens == 0:
+        return out
+    choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+
+    if use_cache:
+        if cache is None:
+            if model.config.window is not None and model.config.pos == "rope":
+                cache = model.new_cache(B, kind="sliding")
+            else:
+                cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
+        cache.reset()
+        logits = prefill(model, idx, cache)
+    else:
+        logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        token = next_token(logits, **choose)  # (B, 1)
+        if finished is not None:
+            token = torch.where(finished[:, None], eos_id, token)
+            finished |= token[:, 0] == eos_id
+        out[:, T + n - 1] = token[:, 0]
+        if n == max_new_tokens or (finished is not None and bool(finished.all())):
+            break
+        if use_cache:
+            logits = decode_step(model, token, cache)
+        else:
+            logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+    return out[:, : T + n]

@@ -1,0 +1,180 @@
+"""GPT-2's published weights in kvlab: conversion from (and to) Hugging Face, and hub loading.
+
+Shape legend: C d_model, V vocab_size, P max_seq_len (n_positions), L n_layers.
+
+Hugging Face stores GPT-2 in OpenAI's original layout: linear layers are `Conv1D` modules
+whose weight is (in, out), the transpose of `nn.Linear`'s (out, in), and the query, key and
+value projections are one matrix `c_attn` — the same fused layout kvlab's `qkv` uses, so only
+the transposes and the names change. Built in chapter 3.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .gpt import GPT, GPTConfig
+
+__all__ = ["GPT2_NAMES", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config"]
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+# kvlab name pattern -> (Hugging Face name pattern, transpose?). {i} is the layer index.
+_GLOBAL = {
+    "tok_emb.weight": ("wte.weight", False),
+    "pos_emb.weight": ("wpe.weight", False),
+    "norm_f.weight": ("ln_f.weight", False),
+    "norm_f.bias": ("ln_f.bias", False),
+}
+_PER_LAYER = {
+    "blocks.{i}.norm1.weight": ("h.{i}.ln_1.weight", False),
+    "blocks.{i}.norm1.bias": ("h.{i}.ln_1.bias", False),
+    "blocks.{i}.attn.qkv.weight": ("h.{i}.attn.c_attn.weight", True),
+    "blocks.{i}.attn.qkv.bias": ("h.{i}.attn.c_attn.bias", False),
+    "blocks.{i}.attn.out.weight": ("h.{i}.attn.c_proj.weight", True),
+    "blocks.{i}.attn.out.bias": ("h.{i}.attn.c_proj.bias", False),
+    "blocks.{i}.norm2.weight": ("h.{i}.ln_2.weight", False),
+    "blocks.{i}.norm2.bias": ("h.{i}.ln_2.bias", False),
+    "blocks.{i}.mlp.fc.weight": ("h.{i}.mlp.c_fc.weight", True),
+    "blocks.{i}.mlp.fc.bias": ("h.{i}.mlp.c_fc.bias", False),
+    "blocks.{i}.mlp.proj.weight": ("h.{i}.mlp.c_proj.weight", True),
+    "blocks.{i}.mlp.proj.bias": ("h.{i}.mlp.c_proj.bias", False),
+}
+
+
+def _name_map(n_layers: int) -> dict[str, tuple[str, bool]]:
+    names = dict(_GLOBAL)
+    for i in range(n_layers):
+        for ours, (theirs, transpose) in _PER_LAYER.items():
+            names[ours.format(i=i)] = (theirs.format(i=i), transpose)
+    return names
+
+
+def _strip_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Accept both `GPT2LMHeadModel` keys ("transformer.h.0...") and `GPT2Model` / hub-file keys."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("transformer.")
+        # Older checkpoints carry the causal mask as buffers; they are not weights.
+        if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", key):
+            continue
+        out[key] = value
+    return out
+
+
+def hf_gpt2_config(hf_config) -> GPTConfig:
+    """kvlab's `GPTConfig` for a Hugging Face `GPT2Config`, refusing options kvlab does not model."""
+    unsupported = []
+    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False):
+        unsupported.append("scale_attn_by_inverse_layer_idx=True")
+    if getattr(hf_config, "reorder_and_upcast_attn", False):
+        unsupported.append("reorder_and_upcast_attn=True")
+    if not getattr(hf_config, "scale_attn_weights", True):
+        unsupported.append("scale_attn_weights=False")
+    act = getattr(hf_config, "activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        unsupported.append(f"activation_function={act!r} (kvlab uses GPT-2's tanh GELU)")
+    if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
+        unsupported.append(f"n_inner={hf_config.n_inner}")
+    if unsupported:
+        raise ValueError("this GPT-2 configuration uses options kvlab does not implement: " + ", ".join(unsupported))
+    return GPTConfig(vocab_size=hf_config.vocab_size, max_seq_len=hf_config.n_positions, d_model=hf_config.n_embd,
+                     n_layers=hf_config.n_layer, n_heads=hf_config.n_head, norm_eps=hf_config.layer_norm_epsilon)
+
+
+def _config_from_shapes(sd: Mapping[str, Tensor], n_heads: int | None) -> GPTConfig:
+    missing = [k for k in ("wte.weight", "wpe.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"state dict is missing keys needed to infer the shape: {missing}")
+    vocab_size, d_model = sd["wte.weight"].shape
+    max_seq_len = sd["wpe.weight"].shape[0]
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError("state dict has no transformer blocks (no 'h.<i>.' keys)")
+    # Head count is not visible in any shape; every GPT-2 size uses 64-dimensional heads.
+    n_heads = d_model // 64 if n_heads is None else n_heads
+    return GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model,
+                     n_layers=max(layers) + 1, n_heads=n_heads)
+
+
+def from_hf_gpt2(model_or_state_dict, *, n_heads: int | None = None) -> GPT:
+    """A kvlab `GPT` with the weights of a Hugging Face GPT-2 model or state dict.
+
+    Pass a `GPT2LMHeadModel` / `GPT2Model` (its config is used) or a state dict (the shape is
+    read from the tensors; `n_heads` defaults to d_model / 64, as in every GPT-2 size). Every
+    expected key must be present with the right shape: the error lists what is missing or
+    mis-shaped, and nothing is loaded until all of it checks out. Built in chapter 3.
+    """
+    if isinstance(model_or_state_dict, Mapping):
+        sd = _strip_prefix(model_or_state_dict)
+        config = _config_from_shapes(sd, n_heads)
+    elif hasattr(model_or_state_dict, "state_dict") and hasattr(model_or_state_dict, "config"):
+        config = hf_gpt2_config(model_or_state_dict.config)
+        sd = _strip_prefix(model_or_state_dict.state_dict())
+    else:
+        raise TypeError("expected a Hugging Face GPT-2 model or a state dict (a mapping of name -> tensor), "
+                        f"got {type(model_or_state_dict).__name__}")
+
+    model = GPT(config)
+    ours = model.state_dict()
+    converted, missing, misshaped = {}, [], []
+    for name, (theirs, transpose) in _name_map(config.n_layers).items():
+        if theirs not in sd:
+            missing.append(theirs)
+            continue
+        tensor = sd[theirs].t() if transpose else sd[theirs]
+        if tuple(tensor.shape) != tuple(ours[name].shape):
+            want = tuple(ours[name].shape[::-1]) if transpose else tuple(ours[name].shape)
+            misshaped.append(f"{theirs}: expected {want}, got {tuple(sd[theirs].shape)}")
+            continue
+        converted[name] = tensor
+    if missing or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+        raise ValueError("cannot load GPT-2 weights: " + " | ".join(parts))
+    # lm_head is tied to the token embedding, so it is set through tok_emb.
+    converted["lm_head.weight"] = converted["tok_emb.weight"]
+    model.load_state_dict({k: v.detach().clone() for k, v in converted.items()}, strict=True)
+    return model
+
+
+def to_hf_gpt2_state_dict(model: GPT) -> dict[str, Tensor]:
+    """The inverse of `from_hf_gpt2`: a `GPT2LMHeadModel` state dict for a GPT-2-shaped kvlab model."""
+    c = model.config
+    if (c.norm, c.mlp, c.pos, c.bias, c.tie_embeddings, c.n_kv_heads) != ("layernorm", "gelu", "learned", True,
+                                                                          True, c.n_heads):
+        raise ValueError("only a GPT-2-style configuration (layernorm, gelu, learned positions, biases, "
+                         "tied embeddings, n_kv_heads == n_heads) has a Hugging Face GPT-2 equivalent")
+    ours = model.state_dict()
+    sd = {f"transformer.{theirs}": (ours[name].t() if transpose else ours[name]).detach().clone()
+          for name, (theirs, transpose) in _name_map(c.n_layers).items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -> GPT:
+    """Download GPT-2 from the Hugging Face hub and convert it: `kvlab.load_gpt2("gpt2")`.
+
+    Reads the hub's safetensors file (no pickle); needs `huggingface_hub` (installed with
+    `transformers`) and a network connection the first time, after which the hub's local cache
+    is used. Sizes: gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), gpt2-xl (1.5B).
+    Built in chapter 3.
+    """
+    if name not in GPT2_NAMES:
+        raise ValueError(f"name must be one of {GPT2_NAMES}, got {name!r}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("load_gpt2 needs huggingface_hub: pip install transformers (or huggingface_hub)") from err
+    from safetensors.torch import load_file
+
+    path = hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
+    model = from_hf_gpt2(load_file(path))
+    model.eval()
+    return model.to(device) if device is not None else model
