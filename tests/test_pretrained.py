@@ -1,0 +1,89 @@
+"""GPT-2 conversion: kvlab equals Hugging Face on randomly initialised models of several shapes."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import kvlab
+
+SHAPES = [
+    dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=211),
+    dict(n_embd=96, n_layer=3, n_head=3, n_positions=96, vocab_size=500),
+    dict(n_embd=128, n_layer=4, n_head=8, n_positions=256, vocab_size=1000, layer_norm_epsilon=1e-6),
+    dict(n_embd=48, n_layer=1, n_head=1, n_positions=64, vocab_size=50),
+]
+
+
+def hf_gpt2(seed=0, **shape):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():  # make random logits decisive so greedy comparisons are meaningful
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s['n_embd']}-L{s['n_layer']}-H{s['n_head']}")
+def test_logits_and_greedy_tokens_equal_hugging_face(shape):
+    hf = hf_gpt2(**shape)
+    model = kvlab.from_hf_gpt2(hf).eval()
+    x = torch.randint(0, shape["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    n_new = min(60, shape["n_positions"] - 8)
+    expected = hf.generate(x[:, :8], max_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for use_cache in (True, False):
+        assert torch.equal(kvlab.generate(model, x[:, :8], n_new, temperature=0, use_cache=use_cache), expected)
+
+
+def test_state_dict_path_and_prefixes():
+    hf = hf_gpt2(**SHAPES[0])
+    x = torch.randint(0, 211, (1, 10))
+    from_model = kvlab.from_hf_gpt2(hf)
+    from_sd = kvlab.from_hf_gpt2(hf.state_dict(), n_heads=4)  # "transformer." prefixed keys
+    bare = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    from_bare = kvlab.from_hf_gpt2(bare, n_heads=4)  # the hub file's layout
+    assert from_sd.config == from_model.config == from_bare.config
+    with torch.no_grad():
+        torch.testing.assert_close(from_sd(x), from_model(x))
+        torch.testing.assert_close(from_bare(x), from_model(x))
+    # Head count is invisible in the shapes: the default assumes GPT-2's 64-wide heads.
+    assert kvlab.from_hf_gpt2(bare).config.n_heads == 1
+
+
+def test_round_trip_to_hugging_face():
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=120, max_seq_len=64, d_model=32, n_layers=2, n_heads=2)).eval()
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=120, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.load_state_dict(kvlab.to_hf_gpt2_state_dict(model), strict=True)
+    x = torch.randint(0, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="GPT-2-style"):
+        kvlab.to_hf_gpt2_state_dict(kvlab.GPT(kvlab.GPTConfig.from_preset("tiny-modern")))
+
+
+def test_missing_and_misshaped_keys_are_listed():
+    sd = dict(hf_gpt2(**SHAPES[0]).state_dict())
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    del sd["transformer.ln_f.bias"]
+    sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(64, 65)
+    with pytest.raises(ValueError) as err:
+        kvlab.from_hf_gpt2(sd)
+    msg = str(err.value)
+    assert "missing keys (2)" in msg and "h.1.mlp.c_fc.weight" in msg and "ln_f.bias" in msg
+    assert "mis-shaped keys (1)" in msg and "h.0.attn.c_proj.weight: expected (64, 64), got (64, 65)" in msg
+
+
+def test_unsupported_inputs():
+    with pytest.raises(TypeError, match="state dict"):
+        kvlab.from_hf_gpt2("gpt2")
+    with pytest.raises(ValueError, match="missing keys needed"):
+        kvlab.from_hf_gpt2({"h.0.ln_1.weight": torch.ones(4)})
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=20,
+                                    activation_function="relu"))
+    with pytest.raises(ValueError, match="activation_function"):
+        kvlab.from_hf_gpt2(hf)
+    with pytest.raises(ValueError, match="name must be one of"):
+        kvlab.load_gpt2("gpt3")
