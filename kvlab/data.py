@@ -1,0 +1,261 @@
+"""Data: fetching and verifying Tiny Shakespeare, splitting it, and cutting training batches.
+
+Shape legend: B = batch size, T = block size (context length in tokens).
+
+Tiny Shakespeare (1,115,394 bytes, Karpathy's char-rnn corpus) is found, in order, at an
+explicit path, at ``$KVLAB_SHAKESPEARE``, in the cache directory, or downloaded there once.
+Every copy is checked against a fixed sha256 before use, so a truncated or edited file is
+an error, never a silently different experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+import urllib.error
+import urllib.request
+from typing import Any, TypeVar, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_NUM_BYTES = 1_115_394
+SHAKESPEARE_ENV_VAR = "KVLAB_SHAKESPEARE"
+SHAKESPEARE_FILENAME = "input.txt"
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``. Built in chapter 1."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_shakespeare_bytes(data: bytes, source: str) -> None:
+    # The constants are read at call time (not bound as defaults) so tests can
+    # monkeypatch them to verify small synthetic files.
+    actual = sha256_bytes(data)
+    if actual != SHAKESPEARE_SHA256 or len(data) != SHAKESPEARE_NUM_BYTES:
+        raise ValueError(
+            f"{source} is not the expected Tiny Shakespeare file: "
+            f"expected sha256 {SHAKESPEARE_SHA256} and {SHAKESPEARE_NUM_BYTES:,} bytes, "
+            f"got sha256 {actual} and {len(data):,} bytes. The file is truncated, edited or "
+            "a different text; delete it or point to a good copy "
+            f"(explicit path, ${SHAKESPEARE_ENV_VAR}, or let kvlab download it)."
+        )
+
+
+def verify_shakespeare(path: PathLike) -> pathlib.Path:
+    """Check that ``path`` holds exactly Tiny Shakespeare (sha256 and size) and return it
+    as a ``Path``; raise ``FileNotFoundError`` or a ``ValueError`` naming the path, the
+    expected and the actual sha256 and size. Cheap: the file is 1 MB. Built in chapter 1."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no Tiny Shakespeare file at {path}")
+    _check_shakespeare_bytes(path.read_bytes(), str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- locating the file
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where a downloaded copy is kept: ``data/tinyshakespeare`` in the course repository
+    when kvlab runs from a checkout (the package's parent holds ``_toc.yml`` or
+    ``pyproject.toml``), otherwise ``~/.cache/kvlab/tinyshakespeare``. Built in chapter 1."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    # An installed kvlab lives in site-packages, which holds neither marker file.
+    if (repo / "_toc.yml").is_file() or (repo / "pyproject.toml").is_file():
+        return repo / "data" / "tinyshakespeare"
+    return pathlib.Path.home() / ".cache" / "kvlab" / "tinyshakespeare"
+
+
+def download_shakespeare(
+    dest: PathLike, *, url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S
+) -> pathlib.Path:
+    """Download Tiny Shakespeare to ``dest`` and verify it before it lands: the bytes are
+    checked in memory, written to a temporary file beside ``dest`` and moved into place with
+    ``os.replace``, so a failed or corrupt download never leaves a file behind. Built in
+    chapter 1."""
+    url = SHAKESPEARE_URL if url is None else url
+    dest = pathlib.Path(dest).expanduser()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except urllib.error.URLError as e:
+        raise OSError(
+            f"could not download Tiny Shakespeare from {url}: {e.reason}. If you are offline, "
+            f"fetch the file elsewhere and pass path= or set ${SHAKESPEARE_ENV_VAR}"
+        ) from e
+    _check_shakespeare_bytes(data, f"the download from {url}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def shakespeare_path(
+    path: PathLike | None = None,
+    *,
+    download: bool = True,
+    cache_dir: PathLike | None = None,
+) -> pathlib.Path:
+    """Return the path of a verified Tiny Shakespeare file. Looks at ``path`` if given,
+    else ``$KVLAB_SHAKESPEARE``, else ``<cache_dir>/input.txt`` (``default_cache_dir()``
+    unless given), else downloads it there when ``download`` is true. An explicit path or
+    environment variable that is missing is an error, not a reason to look elsewhere.
+    Built in chapter 1."""
+    if path is not None:
+        return verify_shakespeare(path)
+    env = os.environ.get(SHAKESPEARE_ENV_VAR)
+    if env:
+        if not pathlib.Path(env).expanduser().is_file():
+            raise FileNotFoundError(
+                f"${SHAKESPEARE_ENV_VAR} is set to {env!r}, but no file is there; "
+                "fix or unset it"
+            )
+        return verify_shakespeare(env)
+    cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cached = cache / SHAKESPEARE_FILENAME
+    if cached.is_file():
+        return verify_shakespeare(cached)
+    if not download:
+        raise FileNotFoundError(
+            f"Tiny Shakespeare is not at {cached} and download=False; pass path=, set "
+            f"${SHAKESPEARE_ENV_VAR}, or allow the download from {SHAKESPEARE_URL}"
+        )
+    return download_shakespeare(cached)
+
+
+def load_shakespeare_text(
+    path: PathLike | None = None,
+    *,
+    download: bool = True,
+    cache_dir: PathLike | None = None,
+) -> str:
+    """The whole of Tiny Shakespeare as one string (about 1.1 million characters), found and
+    verified by ``shakespeare_path``. Built in chapter 1; trained on in chapter 6."""
+    return shakespeare_path(path, download=download, cache_dir=cache_dir).read_text(
+        encoding="utf-8"
+    )
+
+
+# --------------------------------------------------------------------------- splits and batches
+
+_Seq = TypeVar("_Seq", str, list, tuple, torch.Tensor)
+
+
+def train_val_split(data: _Seq, val_fraction: float = 0.1) -> tuple[_Seq, _Seq]:
+    """Split a str, list, tuple or 1-D tensor into ``(train, val)`` without shuffling: the
+    last ``val_fraction`` is validation, as is customary for a single long text (shuffled
+    windows would leak neighbouring text into validation). Deterministic. Built in
+    chapter 1; used in chapter 6."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise TypeError(f"val_fraction must be a float in (0, 1), got {val_fraction!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 1:
+            raise ValueError(f"data must be 1-D when it is a tensor, got shape {tuple(data.shape)}")
+    elif not isinstance(data, (str, list, tuple)):
+        raise TypeError(
+            f"data must be a str, list, tuple or 1-D torch.Tensor, got {type(data).__name__}"
+        )
+    n = len(data)
+    n_train = int(n * (1.0 - val_fraction))
+    if n_train == 0 or n_train == n:
+        raise ValueError(
+            f"data of length {n} is too short to split with val_fraction={val_fraction}: "
+            "one side would be empty"
+        )
+    return data[:n_train], data[n_train:]
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    *,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``batch_size`` random windows of ``block_size`` tokens from the 1-D token
+    tensor ``data``: inputs ``x`` (B, T) and targets ``y`` (B, T), where ``y`` is ``x``
+    shifted one token left (each position predicts the next token). Offsets come from a
+    CPU ``generator``, so a seed gives the same batches on CPU, CUDA or MPS. Both are int64
+    on ``device``. Built in chapter 6."""
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a 1-D torch.Tensor of token ids, got {type(data).__name__}")
+    if data.dim() != 1:
+        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
+    if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        raise TypeError(f"data must hold integer token ids, got dtype {data.dtype}")
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(block_size, "block_size")
+    if len(data) <= block_size:
+        raise ValueError(
+            f"data must be longer than block_size: len(data)={len(data)}, "
+            f"block_size={block_size} (a window needs block_size + 1 tokens)"
+        )
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"generator must be a CPU torch.Generator (for batches that match across "
+            f"devices), got one on {generator.device}"
+        )
+
+    n_windows = len(data) - block_size  # start offsets whose window + 1 target fit
+    starts = torch.randint(n_windows, (batch_size,), generator=generator)  # (B,)
+    # unfold views every (T+1)-long window without copying; indexing gathers B of them
+    windows = data.unfold(0, block_size + 1, 1)[starts.to(data.device)]  # (B, T+1)
+    windows = windows.to(device=device, dtype=torch.long)
+    # contiguous so callers can .view(-1) the targets for cross-entropy
+    x = windows[:, :-1].contiguous()  # (B, T)
+    y = windows[:, 1:].contiguous()  # (B, T)
+    return x, y
+
+
+# --------------------------------------------------------------------------- seq2seq toy data
+#
+# RESERVED for chapter 8 (the seq2seq transformer): toy source/target pairs (e.g. reversing
+# or sorting short digit strings), their tokenization and padded batching will live here,
+# added by a later issue. Nothing is defined for it yet, on purpose.
+# ---------------------------------------------------------------------------
+
+
+__all__ = [
+    "SHAKESPEARE_NUM_BYTES",
+    "SHAKESPEARE_SHA256",
+    "SHAKESPEARE_URL",
+    "default_cache_dir",
+    "download_shakespeare",
+    "get_batch",
+    "load_shakespeare_text",
+    "sha256_bytes",
+    "shakespeare_path",
+    "train_val_split",
+    "verify_shakespeare",
+]
