@@ -1,0 +1,13 @@
+"""Exercise checks: one function per exercise, called from the notebooks with the learner's code.
+
+A check runs the learner's function against kvlab's reference on several random shapes and
+edge cases. It returns quietly (printing a short "passed" line) when the answer is right, and
+raises `AssertionError` with a hint that points at the mistake without giving the answer away
+when it is not. An unfinished exercise (a stub that raises `NotImplementedError`) fails with a
+reminder to write it.
+
+Each chapter's checks live in their own module and are re-exported here, so a notebook writes
+`from kvlab import checks` and calls `checks.check_causal_mask(my_causal_mask)`.
+"""
+
+from ._common import ExerciseNotDone, passed  # noqa: F401
