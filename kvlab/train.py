@@ -1,0 +1,429 @@
+"""Training a GPT: configuration, the loop, the schedule, mixed precision and checkpoints.
+
+Shape legend: B micro-batch size, T block_size (tokens per training window), V vocab_size.
+
+The loop is the classic one: sample windows, forward, cross-entropy, backward, clip, AdamW
+step, with a learning rate that warms up linearly and then follows a cosine down to `min_lr`.
+Gradient accumulation makes a large batch out of several small ones; under `torchrun` the
+same loop runs data-parallel (DDP), each process taking its slice of one global batch, so a
+2-process run takes exactly the steps a 1-process run with twice the batch would.
+
+Checkpoints are one safetensors file (weights, optimizer moments and RNG states as tensors; the
+configs, step and history as JSON metadata), written to a temporary file and renamed, so a
+crash mid-write leaves the previous checkpoint intact. Resuming restores everything the next
+step depends on, so a resumed run reproduces the uninterrupted loss curve. Built in chapter 6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import get_batch
+from .gpt import GPT, GPTConfig
+
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "History", "configure_optimizer", "lr_at", "precision_for",
+           "estimate_loss", "train", "save_checkpoint", "load_checkpoint"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field has a default; presets in `TRAIN_PRESETS` override a few."""
+
+    batch_size: int = 32  # windows per micro-batch (per process under DDP)
+    block_size: int = 128  # tokens per window, T
+    grad_accum: int = 1  # micro-batches summed into one optimizer step
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # learning rate at the end of the cosine
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not biases, norms)
+    beta1: float = 0.9
+    beta2: float = 0.99  # a little below the usual 0.999: small batches make noisy gradients
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 100  # steps between validation estimates
+    eval_batches: int = 20  # micro-batches averaged per validation estimate
+    checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end, if out_dir)
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (auto: bf16/fp16 on CUDA, fp32 elsewhere)
+    compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
+    seed: int = 1337  # seeds the initial weights, the batches and dropout
+    progress: bool = True  # a tqdm progress bar
+    tensorboard: bool = False  # log to TensorBoard when the package is installed
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "checkpoint_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Named (model, training) pairs. "shakespeare-char" is the model we ship in data/; "quick" is the
+# one-minute CPU run in the Training chapter.
+TRAIN_PRESETS: dict[str, tuple[dict, dict]] = {
+    "shakespeare-char": (
+        dict(vocab_size=65, max_seq_len=256, d_model=256, n_layers=6, n_heads=8, dropout=0.1),
+        dict(batch_size=32, block_size=256, max_steps=5000, lr=2e-3, min_lr=2e-4, warmup_steps=200,
+             eval_interval=250, eval_batches=40, checkpoint_interval=500),
+    ),
+    "quick": (
+        dict(vocab_size=65, max_seq_len=64, d_model=64, n_layers=2, n_heads=4),
+        dict(batch_size=16, block_size=64, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+             eval_interval=50, eval_batches=8),
+    ),
+}
+
+
+@dataclass
+class History:
+    """What happened during training, for plots: one row per step, one per validation."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # tokens seen after each step (all processes)
+    elapsed: list[float] = field(default_factory=list)  # seconds since the run (or resume) began
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(**d)
+
+
+# -- the pieces ------------------------------------------------------------------------------
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW with two parameter groups: matrices decay, vectors (biases, norm gains) do not.
+
+    Decaying a norm's gain or a bias pulls it towards zero for no benefit; matrices (including
+    embeddings) are where weight decay regularises. Built in chapter 6.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type == "cuda"  # the fused kernel exists for CUDA tensors only
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.max_steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def precision_for(device: torch.device, requested: str = "auto") -> str:
+    """The precision to train in: what was asked for, or for "auto" the best the device truly supports.
+
+    CUDA with bf16 (Ampere and newer) → "bf16"; older CUDA GPUs such as Colab's T4 → "fp16"
+    (with a gradient scaler); MPS and CPU → "fp32", the safe default there.
+    """
+    if requested != "auto":
+        if requested == "fp16" and device.type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device (it uses a gradient scaler)")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, data: Tensor, cfg: TrainConfig, *, device: torch.device,
+                  precision: str = "fp32", seed: int = 0) -> float:
+    """Mean cross-entropy (nats per token) over `cfg.eval_batches` windows drawn with a fixed seed.
+
+    The fixed seed makes every estimate use the same windows, so successive values differ only
+    because the model changed. Built in chapter 6.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, generator=gen, device=device)
+        with _autocast(device, precision):
+            total += _loss(model, x, y).item()
+    model.train(was_training)
+    return total / cfg.eval_batches
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _model_tensors(model: GPT) -> dict[str, Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as tok_emb.weight; safetensors stores it once
+    return {f"model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: GPT, optimizer: torch.optim.Optimizer | None = None, *,
+                    step: int = 0, train_config: TrainConfig | None = None, history: History | None = None,
+                    rng: dict[str, Tensor] | None = None, extra: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write everything needed to resume to one safetensors file, atomically.
+
+    Tensors: the weights, the optimizer's moments, RNG states. JSON metadata: the model and
+    training configs, the step, the history, and anything in `extra` (e.g. the tokenizer).
+    The file is written next to its destination and renamed over it. Built in chapter 6.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = _model_tensors(model)
+    meta: dict = {"format": "kvlab-checkpoint-1", "step": step, "model_config": model.config.to_dict(),
+                  "train_config": train_config.to_dict() if train_config else None,
+                  "history": history.to_dict() if history else None, "extra": extra or {}}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+        meta["optim_param_groups"] = opt["param_groups"]
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in scaler.state_dict().items()}
+    for name, state in (rng or {}).items():
+        tensors[f"rng.{name}"] = state.contiguous().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"kvlab": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Read a checkpoint; load it into `model` (and `optimizer`) when given; return its contents.
+
+    Returns a dict with "model_config" (a GPTConfig), "train_config", "step", "history",
+    "extra", "rng" (name -> state tensor) and "model" (the model, built from the stored
+    config when none was passed). A `model` whose config differs from the stored one is a
+    `ValueError` that names each differing field. Built in chapter 6.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kvlab", "null") or "null")
+        if not meta or meta.get("format") != "kvlab-checkpoint-1":
+            raise ValueError(f"{path} is not a kvlab checkpoint (no kvlab metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = GPTConfig(**meta["model_config"])
+    if model is None:
+        model = GPT(config)
+    elif model.config != config:
+        diffs = [f"{k}: checkpoint has {getattr(config, k)!r}, model has {getattr(model.config, k)!r}"
+                 for k in config.to_dict() if getattr(config, k) != getattr(model.config, k)]
+        raise ValueError(f"checkpoint {path} does not match the model's config: " + "; ".join(diffs))
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    if optimizer is not None:
+        if "optim_param_groups" not in meta:
+            raise ValueError(f"checkpoint {path} has no optimizer state")
+        opt_state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = v
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_param_groups"]})
+    return {
+        "model": model, "model_config": config, "step": meta["step"],
+        "train_config": TrainConfig(**meta["train_config"]) if meta.get("train_config") else None,
+        "history": History.from_dict(meta["history"]) if meta.get("history") else None,
+        "extra": meta.get("extra", {}), "scaler": meta.get("scaler"),
+        "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")},
+    }
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless launched by torchrun with an initialised process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
+          device: torch.device | str | None = None, out_dir: str | os.PathLike | None = None,
+          resume_from: str | os.PathLike | None = None, extra: dict | None = None,
+          stop_after: int | None = None) -> History:
+    """Train `model` in place on 1-D token tensors; return the `History`.
+
+    With `out_dir`, checkpoints go to `out_dir/checkpoint.safetensors` every
+    `cfg.checkpoint_interval` steps and at the end. `resume_from` continues a checkpointed run
+    exactly where it stopped (weights, optimizer, data order and dropout RNG). Under torchrun
+    (an initialised process group) the model is wrapped in DistributedDataParallel and only
+    rank 0 logs and writes. `stop_after` ends the run early after that many steps, with a
+    checkpoint, as if it had been interrupted there (the schedule still follows
+    `cfg.max_steps`): how to split a long run over several short sessions. Built in chapter 6.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if cfg.block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size={cfg.block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if not isinstance(data, Tensor) or data.dim() != 1 or data.is_floating_point():
+            raise TypeError(f"{name} must be a 1-D integer tensor of token ids")
+        if len(data) <= cfg.block_size:
+            raise ValueError(f"{name} has {len(data)} tokens; it needs more than block_size={cfg.block_size}")
+        if int(data.max()) >= model.config.vocab_size or int(data.min()) < 0:
+            raise ValueError(f"{name} holds ids outside [0, {model.config.vocab_size - 1}] (the model's vocabulary)")
+
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be None or a positive int, got {stop_after!r}")
+    rank, world = _distributed()
+    device = torch.device(device) if device is not None else model.device
+    precision = precision_for(device, cfg.precision)
+    model.to(device).train()
+    optimizer = configure_optimizer(model, cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    history, start_step = History(), 0
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global stream; each rank takes its slice
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as they should
+
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, model, optimizer)
+        start_step, history = ckpt["step"], ckpt["history"] or History()
+        if "batches" in ckpt["rng"]:
+            batch_gen.set_state(ckpt["rng"]["batches"])
+        if f"torch_cpu_{rank}" in ckpt["rng"]:
+            torch.set_rng_state(ckpt["rng"][f"torch_cpu_{rank}"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+
+    runner: nn.Module = model
+    if cfg.compile:
+        runner = torch.compile(model)
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = None
+    if cfg.tensorboard and rank == 0 and out_dir is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        except ImportError:
+            writer = None
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step")
+
+    def checkpoint(step: int) -> None:
+        if out_dir is None or rank != 0:
+            return
+        rng = {"batches": batch_gen.get_state(), "torch_cpu_0": torch.get_rng_state()}
+        save_checkpoint(Path(out_dir) / "checkpoint.safetensors", model, optimizer, step=step, train_config=cfg,
+                        history=history, rng=rng, extra=extra, scaler=scaler)
+
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    t0 = time.perf_counter()
+    elapsed_before = history.elapsed[-1] if history.elapsed else 0.0
+    end_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
+    for step in range(start_step, end_step):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg.batch_size * world, cfg.block_size, generator=batch_gen, device=device)
+            x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last or world == 1 else runner.no_sync():  # all-reduce once a step
+                with _autocast(device, precision):
+                    loss = _loss(runner, x, y) / cfg.grad_accum
+                scaler.scale(loss).backward()
+            step_loss += loss.item()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        history.steps.append(done)
+        history.train_loss.append(step_loss)
+        history.lr.append(lr)
+        history.tokens.append(done * tokens_per_step)
+        history.elapsed.append(elapsed_before + time.perf_counter() - t0)
+        if writer is not None:
+            writer.add_scalar("loss/train", step_loss, done)
+            writer.add_scalar("lr", lr, done)
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val = estimate_loss(model, val_data, cfg, device=device, precision=precision)
+            history.val_steps.append(done)
+            history.val_loss.append(val)
+            if writer is not None:
+                writer.add_scalar("loss/val", val, done)
+            if bar is not None:
+                bar.set_postfix(train=f"{step_loss:.3f}", val=f"{val:.3f}")
+        if bar is not None:
+            bar.update(1)
+        if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != end_step:
+            checkpoint(done)
+    checkpoint(max(end_step, start_step))
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    model.eval()
+    return history
