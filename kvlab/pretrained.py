@@ -10,15 +10,17 @@ the transposes and the names change. Built in chapter 3.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig
 
-__all__ = ["GPT2_NAMES", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config"]
+__all__ = ["GPT2_NAMES", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -178,3 +180,49 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
     model = from_hf_gpt2(load_file(path))
     model.eval()
     return model.to(device) if device is not None else model
+
+
+# -- the Shakespeare model the course trains and ships ------------------------------------------
+
+SHAKESPEARE_MODEL_DIR = "data/shakespeare"  # relative to the repository root
+
+
+def shakespeare_model_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where the shipped Shakespeare model lives: `path`, or `data/shakespeare` in this checkout."""
+    if path is not None:
+        return Path(path)
+    return Path(__file__).resolve().parent.parent / SHAKESPEARE_MODEL_DIR
+
+
+def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.device | str | None = None):
+    """The small character-level GPT the course trained on Tiny Shakespeare, and its tokenizer.
+
+    Returns `(model, tokenizer)`, the model in eval mode. Reads the files `python -m kvlab.train
+    --export` wrote (safetensors weights, config.json, tokenizer.json, record.json); the
+    record is on `model.record`. Works offline: the files ship in the repository's
+    `data/shakespeare`. Built in chapter 6.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from .tokenizers import load_tokenizer
+
+    folder = shakespeare_model_dir(path)
+    needed = ["model.safetensors", "config.json", "tokenizer.json"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the Shakespeare model is not at {folder} (missing {', '.join(missing)}); it ships in the course "
+            "repository's data/shakespeare: install kvlab from a clone (pip install -e .) or pass path=")
+    config = json.loads((folder / "config.json").read_text())
+    model = GPT(GPTConfig(**config["model"]))
+    state = load_file(str(folder / "model.safetensors"))
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    record_path = folder / "record.json"
+    model.record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    tokenizer = load_tokenizer(config["tokenizer"], folder / "tokenizer.json")
+    model.eval()
+    return (model.to(device) if device is not None else model), tokenizer
