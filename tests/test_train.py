@@ -190,3 +190,32 @@ def test_ddp_with_two_processes_equals_one_process_with_twice_the_batch(tmp_path
         if k.endswith("attn.qkv.bias"):
             a, v = torch.cat([a[:d], a[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
         torch.testing.assert_close(a, v, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_evaluate_split_covers_every_window_once():
+    model = fresh_model().eval()
+    ids = torch.arange(16 * 5 + 1) % 20
+    loss = kvlab.train.evaluate_split(model, ids, 16, batch_size=2)
+    x, y = ids[:-1].view(5, 16), ids[1:].view(5, 16)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        kvlab.train.evaluate_split(model, ids[:10], 16)
+
+
+def test_export_and_load_round_trip(tmp_path):
+    from kvlab.pretrained import load_shakespeare
+
+    model = fresh_model().eval()
+    tok = kvlab.CharTokenizer.from_text("abcdefghijklmnopqrst")
+    kvlab.train.export_model(tmp_path, model, tok, {"val_nats_per_char": 1.5})
+    loaded, tok2 = load_shakespeare(tmp_path)
+    assert loaded.record == {"val_nats_per_char": 1.5} and tok2.encode("abc") == tok.encode("abc")
+    x = torch.randint(0, 20, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "record.json",
+                                                          "tokenizer.json"]
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        load_shakespeare(tmp_path / "nowhere")
