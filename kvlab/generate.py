@@ -14,6 +14,8 @@ Built in chapter 4.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -73,7 +75,7 @@ def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
     model.check_inputs(idx)  # type, shape, dtype, non-empty, ids in the vocabulary
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -81,7 +83,8 @@ def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     V = model.config.vocab_size
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < V):
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
+                               or not 0 <= eos_id < V):
         raise ValueError(f"eos_id must be None or an int in [0, {V - 1}], got {eos_id!r}")
     if cache is not None:
         if not use_cache:
@@ -128,6 +131,8 @@ def generate(
     """
     T = _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
                              generator, eos_id, cache)
+    max_new_tokens = int(max_new_tokens)
+    eos_id = None if eos_id is None else int(eos_id)
     B = idx.size(0)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,8 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
+        if idx.device != self.device:
+            raise ValueError(f"idx is on {idx.device} but the model is on {self.device}; move one of them")
         if B == 0 or T == 0:
             raise ValueError(f"idx must hold at least one token in each of at least one sequence, got shape {(B, T)}")
         lo, hi = int(idx.min()), int(idx.max())
@@ -276,8 +279,8 @@ def _first_position(input_pos, T: int, default: int) -> int:
         return default
     if isinstance(input_pos, bool):
         raise TypeError("input_pos must be an int or a tensor of positions, got a bool")
-    if isinstance(input_pos, int):
-        start = input_pos
+    if isinstance(input_pos, numbers.Integral):
+        start = int(input_pos)
     elif isinstance(input_pos, Tensor):
         if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
             raise TypeError(f"input_pos must hold integer positions, got dtype {input_pos.dtype}")

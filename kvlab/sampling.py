@@ -15,6 +15,7 @@ Each keeps at least one token. Built in chapter 7.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -32,17 +33,21 @@ __all__ = [
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, min_p=None) -> None:
     """Raise TypeError/ValueError naming the argument and its allowed range. Built in chapter 7."""
     if not _is_number(temperature):
         raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__}")
-    if math.isnan(temperature) or temperature < 0 or math.isinf(temperature):
+    if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
+        if not _is_int(top_k):
             raise TypeError(f"top_k must be None or an int >= 0 (0 disables it), got {top_k!r}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None disables it), got {top_k}")
@@ -65,7 +70,7 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Keep the k largest logits (and any tied with the k-th); the rest become -inf."""
-    k = min(k, logits.size(-1))
+    k = min(int(k), logits.size(-1))
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest
     return logits.masked_fill(logits < kth, float("-inf"))
 

@@ -101,3 +101,18 @@ def test_other_bad_arguments():
     # A sliding cache does not let a learned-position model run past its positions.
     with pytest.raises(ValueError, match="max_seq_len"):
         kvlab.generate(model, x, 400, cache=model.new_cache(2, kind="sliding", window=8))
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    model = make_model("gpt2")
+    x = torch.zeros(1, 3, dtype=torch.long)
+    a = kvlab.generate(model, x, np.int64(6), top_k=np.int64(5), temperature=np.float32(0.8),
+                       generator=torch.Generator().manual_seed(0))
+    b = kvlab.generate(model, x, 6, top_k=5, temperature=float(np.float32(0.8)), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_prompt_on_another_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="idx is on meta but the model is on cpu"):
+        kvlab.generate(make_model("gpt2"), torch.zeros(1, 3, dtype=torch.long, device="meta"), 5)
