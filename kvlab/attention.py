@@ -107,7 +107,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
     This is how grouped-query attention is computed: the cache stores only Hkv heads (that is
     the memory saving) and they are broadcast to the H query heads at attention time.
-    Built in chapter 3.
+    Built in chapter 2.
     """
     if n_rep == 1:
         return x

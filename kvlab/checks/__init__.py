@@ -11,3 +11,4 @@ Each chapter's checks live in their own module and are re-exported here, so a no
 """
 
 from ._common import ExerciseNotDone, passed  # noqa: F401
+from .attention import check_attention, check_causal_mask, check_multi_head_attention, check_repeat_kv  # noqa: F401
