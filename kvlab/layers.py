@@ -137,7 +137,10 @@ class Block(nn.Module):
         self.norm2 = make_norm(norm, d_model, norm_eps, bias)
         self.mlp = make_mlp(mlp, d_model, d_ff, bias=bias, dropout=dropout)
 
-    def forward(self, x: Tensor, *, mask=None, is_causal=False, rope=None, cache=None, input_pos=None) -> Tensor:
+    def forward(self, x: Tensor, *, mask=None, is_causal=None, rope=None, cache=None, input_pos=None) -> Tensor:
+        """x: (B, T, C) -> (B, T, C). Causal by default; an explicit `mask` replaces that."""
+        if is_causal is None:
+            is_causal = mask is None  # a decoder block: causal unless the caller says otherwise
         a = self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, input_pos=input_pos)
         x = x + self.attn_drop(a)
         return x + self.mlp(self.norm2(x))

@@ -12,3 +12,5 @@ Each chapter's checks live in their own module and are re-exported here, so a no
 
 from ._common import ExerciseNotDone, passed  # noqa: F401
 from .attention import check_attention, check_causal_mask, check_multi_head_attention, check_repeat_kv  # noqa: F401
+from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_linear, check_layer_norm,  # noqa: F401
+                  check_rms_norm)
