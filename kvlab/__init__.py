@@ -3,7 +3,7 @@
 The library behind the course's chapters; each module names the chapter that builds it.
 """
 
-from . import attention, cache, data, device, gpt, layers, pretrained, sampling, tokenizers, train, viz
+from . import attention, cache, data, device, gpt, layers, pretrained, sampling, tokenizers, viz
 from .attention import CrossAttention, SelfAttention, attention_mask, attention_reference, causal_mask
 from .cache import KVCache, kv_cache_bytes
 from .device import describe_device, pick_device, seed_everything, synchronize
@@ -17,3 +17,15 @@ from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokeniz
 from . import checks  # noqa: E402
 
 __version__ = "0.1.0"
+
+# Modules that are also commands (`python -m kvlab.train`, ...) load on first use: importing them
+# here would make `python -m` run a module that is already imported.
+_LAZY = ("train", "student")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kvlab' has no attribute {name!r}")

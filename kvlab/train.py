@@ -84,9 +84,9 @@ class TrainConfig:
 # one-minute CPU run in the Training chapter.
 TRAIN_PRESETS: dict[str, tuple[dict, dict]] = {
     "shakespeare-char": (
-        dict(vocab_size=65, max_seq_len=256, d_model=256, n_layers=6, n_heads=8, dropout=0.1),
-        dict(batch_size=32, block_size=256, max_steps=5000, lr=2e-3, min_lr=2e-4, warmup_steps=200,
-             eval_interval=250, eval_batches=40, checkpoint_interval=500),
+        dict(vocab_size=65, max_seq_len=192, d_model=192, n_layers=6, n_heads=6, dropout=0.1),
+        dict(batch_size=32, block_size=192, max_steps=4000, lr=2e-3, min_lr=2e-4, warmup_steps=200,
+             eval_interval=250, eval_batches=40, checkpoint_interval=250),
     ),
     "quick": (
         dict(vocab_size=65, max_seq_len=64, d_model=64, n_layers=2, n_heads=4),
