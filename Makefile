@@ -25,8 +25,11 @@ TORCH_PIP_ARGS  := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 # pytest-xdist workers. Notebooks are distributed a whole file per worker (--dist loadfile):
 # plain `-n 2` scatters one notebook's cells over workers and breaks its kernel state.
-# TEST_JOBS=0 runs everything in one process.
+# TEST_JOBS=0 runs everything in one process. With parallel workers each one gets a single
+# math thread (OMP_NUM_THREADS=1): two workers with two threads each on a 2-core machine make
+# small tensor operations spin-wait on each other, and run tens of times slower.
 TEST_JOBS ?= 2
+THREADS := $(if $(filter-out 0,$(TEST_JOBS)),OMP_NUM_THREADS=1)
 # Seconds one notebook cell may run under nbval; keep equal to execute.timeout in _config.yml.
 CELL_TIMEOUT ?= 300
 # Narrowing or extending a run: UNIT_ARGS="-k cache", NB_PATHS=notebooks/04_kv_cache.ipynb,
@@ -95,12 +98,12 @@ test: setup
 test-unit:
 	@if ! compgen -G 'tests/test_*.py' > /dev/null; then \
 	  echo "test-unit: no tests/test_*.py yet, skipped"; exit 0; fi; \
-	set -x; MPLBACKEND=Agg $(PY) -m pytest tests $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS)) $(UNIT_ARGS)
+	set -x; $(THREADS) MPLBACKEND=Agg $(PY) -m pytest tests $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS)) $(UNIT_ARGS)
 
 test-notebooks:
 	@if ! compgen -G 'notebooks/*.ipynb' > /dev/null; then \
 	  echo "test-notebooks: no notebooks/*.ipynb yet, skipped"; exit 0; fi; \
-	set -x; $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
+	set -x; $(THREADS) $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
 	  $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) \
 	  $(NB_ARGS) $(NB_PATHS)
 

@@ -251,7 +251,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache tensors right now."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(_layer_bytes(layer) for layer in self.layers)
 
     def key_positions(self, input_pos: Tensor) -> Tensor:
         return self.layers[0].key_positions(input_pos)
@@ -281,6 +281,14 @@ class KVCache:
         extra = f", max_seq_len={self.max_seq_len}" if self.max_seq_len else ""
         extra += f", window={self.window}" if self.window else ""
         return f"KVCache(kind={self.kind!r}, layers={len(self)}, length={self.length}{extra}, nbytes={self.nbytes:,})"
+
+
+def _layer_bytes(layer) -> int:
+    """A layer cache's bytes: its own `nbytes`, or (for a hand-written cache) its k and v tensors."""
+    if hasattr(layer, "nbytes"):
+        return layer.nbytes
+    tensors = [getattr(layer, name, None) for name in ("k", "v")]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _positive_int(name: str, value) -> None:

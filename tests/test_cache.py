@@ -173,3 +173,30 @@ def test_cache_misuse_is_a_clear_error(model):
     with pytest.raises(TypeError, match="KVCache"):
         model(x, cache="static")
     assert isinstance(model.new_cache(1), KVCache)
+
+
+def test_a_hand_written_layer_cache_works_in_the_container(model, prompt):
+    class ConcatCache:  # only the documented interface: no nbytes, no kind
+        def __init__(self):
+            self.k = self.v = None
+            self.length = 0
+
+        def key_positions(self, input_pos):
+            return torch.arange(self.length + input_pos.numel())
+
+        def update(self, k, v, input_pos):
+            self.k = k if self.k is None else torch.cat([self.k, k], 2)
+            self.v = v if self.v is None else torch.cat([self.v, v], 2)
+            self.length += k.size(2)
+            return self.k, self.v
+
+        def reset(self):
+            self.k = self.v = None
+            self.length = 0
+
+    cache = KVCache([ConcatCache() for _ in range(model.config.n_layers)], "dynamic", batch_size=2)
+    out = kvlab.generate(model, prompt, 30, temperature=0, cache=cache)
+    assert torch.equal(out, kvlab.generate(model, prompt, 30, temperature=0, use_cache=False))
+    c = model.config
+    assert cache.nbytes == kv_cache_bytes(c.n_layers, c.n_kv_heads, c.head_dim, 7 + 29, 2)
+    assert "length=36" in repr(cache)

@@ -14,3 +14,5 @@ from ._common import ExerciseNotDone, passed  # noqa: F401
 from .attention import check_attention, check_causal_mask, check_multi_head_attention, check_repeat_kv  # noqa: F401
 from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_linear, check_layer_norm,  # noqa: F401
                   check_rms_norm)
+from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
+                       check_sliding_window_mask)

@@ -1,0 +1,289 @@
+"""Checks for chapter 4, generation and the KV cache.
+
+Each check runs the learner's code on small random models and compares it with kvlab's
+reference (or with recomputing everything, which needs no cache at all). The models are built
+inside `torch.random.fork_rng`, so a check never changes the notebook's random stream.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ..attention import attention_mask
+from ..cache import KVCache, kv_cache_bytes
+from ..generate import decode_step, generate
+from ..gpt import GPT, GPTConfig
+from ._common import ExerciseNotDone, call_learner, close, passed
+
+__all__ = [
+    "check_kv_cache_bytes",
+    "check_sliding_window_mask",
+    "check_concat_cache",
+    "check_chunked_prefill",
+]
+
+_STYLES = {
+    "gpt2": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4),
+    "modern": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                   norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
+}
+
+
+def _model(style: str, seed: int = 0, **overrides) -> GPT:
+    """A small random model whose weights are scaled up so greedy decoding varies."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**{**_STYLES[style], **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def _prompt(B: int, T: int, vocab_size: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -- exercise: the memory formula -------------------------------------------------------------
+
+_BYTES_CASES = [
+    # (label, config, seq_len, batch_size, bytes_per_element)
+    ("GPT-2 small, fp32", GPTConfig.from_preset("gpt2"), 1024, 1, 4),
+    ("GPT-2 medium, fp16, batch 3", GPTConfig.from_preset("gpt2-medium"), 1024, 3, 2),
+    ("one token", GPTConfig.from_preset("gpt2-xl"), 1, 1, 2),
+    ("a GQA model (8 of 32 heads cache keys)",
+     GPTConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=8192), 8192, 1, 2),
+    ("multi-query (one key/value head)",
+     GPTConfig(d_model=512, n_layers=6, n_heads=8, n_kv_heads=1), 300, 2, 4),
+    ("tiny-modern, int8", GPTConfig.from_preset("tiny-modern"), 100, 5, 1),
+    ("an empty cache", GPTConfig.from_preset("tiny"), 0, 2, 4),
+]
+
+
+def check_kv_cache_bytes(fn) -> None:
+    """`fn(config, seq_len, batch_size, bytes_per_element) -> int`: bytes of a full KV cache."""
+    for label, cfg, seq_len, batch, bpe in _BYTES_CASES:
+        got = call_learner(fn, cfg, seq_len, batch, bpe, name="my_kv_cache_bytes")
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, numbers.Real) or got != int(got):
+            raise AssertionError(f"[{label}] return a whole number of bytes (an int), got {got!r}")
+        got = int(got)
+        per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * bpe
+        expected = per_token * seq_len * batch
+        assert expected == kv_cache_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seq_len, batch,
+                                          {1: torch.int8, 2: torch.float16, 4: torch.float32}[bpe])
+        if got == expected:
+            continue
+        hint = "Multiply one number per axis of the cache tensors, for every layer."
+        if expected and got * 2 == expected:
+            hint = "Off by a factor of 2: what does a KV cache hold for each token, besides the keys?"
+        elif cfg.n_kv_heads != cfg.n_heads and got * cfg.n_kv_heads == expected * cfg.n_heads:
+            hint = ("Too large by n_heads / n_kv_heads: with grouped-query attention, how many heads "
+                    "have their own keys and values?")
+        elif expected and got * cfg.n_layers == expected:
+            hint = "Too small by n_layers: every block keeps its own cache."
+        elif expected and got == expected // batch and batch > 1:
+            hint = "Every sequence in the batch has its own cache."
+        elif expected and got * bpe == expected:
+            hint = "That is a count of numbers, not bytes: multiply by the bytes per element."
+        raise AssertionError(f"[{label}] got {got:,} bytes, expected {expected:,}. {hint}")
+
+    # And the formula must match what a real cache allocates.
+    for style in _STYLES:
+        model = _model(style)
+        cache = model.new_cache(2, max_seq_len=37)
+        got = int(call_learner(fn, model.config, 37, 2, 4, name="my_kv_cache_bytes"))
+        if got != cache.nbytes:
+            raise AssertionError(f"[{style} model] model.new_cache(2, max_seq_len=37).nbytes is "
+                                 f"{cache.nbytes:,}, your formula gives {got:,}.")
+    passed("my_kv_cache_bytes")
+
+
+# -- exercise: the sliding-window mask --------------------------------------------------------
+
+def _mask_cases():
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        ("a prefill of 6 tokens, no window", torch.arange(6), torch.arange(6), None),
+        ("a prefill of 7 tokens, window 3", torch.arange(7), torch.arange(7), 3),
+        ("one decode step at position 9 over keys 0..9, window 4", torch.tensor([9]), torch.arange(10), 4),
+        ("window 1 (each query sees only itself)", torch.arange(5), torch.arange(5), 1),
+        ("a window wider than the sequence", torch.arange(5), torch.arange(5), 50),
+        ("a chunk at positions 4..6 after 4 cached keys", torch.arange(4, 7), torch.arange(7), 2),
+    ]
+    # A ring buffer of 5 slots after 12 positions: slot s holds the position p with p % 5 == s.
+    ring = torch.tensor([10, 11, 7, 8, 9])
+    cases.append(("a decode step at position 12 over a 5-slot ring (slots hold 10, 11, 7, 8, 9), window 5",
+                  torch.tensor([12]), ring, 5))
+    # A half-filled ring: empty slots are marked with position -1.
+    cases.append(("a decode step over a half-empty ring (-1 = empty slot), window 6",
+                  torch.tensor([2]), torch.tensor([0, 1, 2, -1, -1, -1]), 6))
+    # A multi-token step: the old ring followed by the new positions.
+    cases.append(("3 new tokens at 8..10 over ring [5, 6, 7, 4] + new keys, window 4",
+                  torch.arange(8, 11), torch.tensor([5, 6, 7, 4, 8, 9, 10]), 4))
+    perm = torch.randperm(20, generator=g)
+    cases.append(("shuffled key positions, window 7", torch.arange(10, 20), perm, 7))
+    return cases
+
+
+def check_sliding_window_mask(fn) -> None:
+    """`fn(q_pos, k_pos, window) -> (T, S) bool`: True where query i may attend to key j."""
+    for label, q_pos, k_pos, window in _mask_cases():
+        got = call_learner(fn, q_pos.clone(), k_pos.clone(), window, name="my_sliding_window_mask")
+        expected = attention_mask(q_pos, k_pos, window)
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and not torch.equal(got.bool(), expected):
+            q, k = q_pos[:, None], k_pos[None, :]
+            if window is not None and torch.equal(got.bool(), expected | ((k == q - window) & (k >= 0))):
+                hint = (f"Each query sees one key too many. With window={window}, how many positions "
+                        "(counting the query's own) should be visible?")
+            elif window is not None and torch.equal(got.bool(), expected & (k != q - window + 1)):
+                hint = "Each query sees one key too few: the query's own position counts toward the window."
+            elif torch.equal(got.bool(), expected | ((k < 0) & (k <= q))) or bool((got.bool() & (k < 0)).any()):
+                hint = "Empty slots (position -1) hold no key yet: they must never be attended to."
+            elif bool((got.bool() & (k > q)).any()):
+                hint = "Some queries see keys from their future: causality still applies inside the window."
+            else:
+                hint = "Compare positions, not indices: the keys need not be sorted."
+            raise AssertionError(f"[{label}] wrong mask. {hint}")
+        close(got, expected, f"[{label}] the mask has one row per query and one column per key.")
+    passed("my_sliding_window_mask")
+
+
+# -- exercise: a concat cache -----------------------------------------------------------------
+
+_CACHE_HINT = ("`update` gets k and v of shape (B, Hkv, T, D) and must return all keys and values so far, "
+               "(B, Hkv, S, D); `length` counts the positions stored; `reset` forgets everything.")
+
+
+def _run(what: str, hint: str, fn, *args, **kwargs):
+    """Run code that uses the learner's work inside a model; turn its errors into a hint."""
+    try:
+        return fn(*args, **kwargs)
+    except AssertionError:  # includes ExerciseNotDone from call_learner
+        raise
+    except Exception as err:  # a shape error, a ValueError from the model's position checks...
+        raise AssertionError(f"{what} failed inside the model with {type(err).__name__}: {err}\n"
+                             f"Hint: {hint}") from err
+
+
+def check_concat_cache(cache_class) -> None:
+    """`cache_class()` makes one layer's concat cache with key_positions/update/reset/length."""
+    try:
+        probe = cache_class()
+    except NotImplementedError as err:
+        raise ExerciseNotDone("MyConcatCache is not written yet: fill in its methods") from err
+    for member in ("key_positions", "update", "reset"):
+        if not callable(getattr(probe, member, None)):
+            raise AssertionError(f"your cache class needs a method `{member}`")
+    if getattr(probe, "length", None) != 0:
+        raise AssertionError(f"a new cache must have length 0, got {getattr(probe, 'length', None)!r}")
+
+    steps = 40
+    for style in _STYLES:
+        model = _model(style)
+        L, V = model.config.n_layers, model.config.vocab_size
+        for B, T, seed in [(1, 1, 0), (2, 9, 1)]:
+            prompt = _prompt(B, T, V, seed)
+            label = f"[{style} model, batch {B}, prompt of {T}]"
+            cache = KVCache([call_learner(cache_class, name="MyConcatCache") for _ in range(L)], "dynamic",
+                            batch_size=B)
+            naive = generate(model, prompt, steps, temperature=0, use_cache=False)
+            cached = _run(label + " greedy generation", _CACHE_HINT, call_learner, generate, model, prompt,
+                          steps, temperature=0, cache=cache, name="MyConcatCache")
+            if not torch.equal(cached, naive):
+                first = int((cached != naive).any(0).nonzero()[0])
+                raise AssertionError(
+                    f"{label} greedy tokens differ from recomputing everything, first at position {first} "
+                    f"(the prompt is 0..{T - 1}). Hint: new keys go after the old ones, along the "
+                    "sequence axis of (B, Hkv, S, D).")
+            if cache.length != T + steps - 1:
+                raise AssertionError(f"{label} after a prompt of {T} and {steps - 1} decode steps, length "
+                                     f"should be {T + steps - 1}, got {cache.length}.")
+
+            # The same cache object, reused for another prompt: generate() calls reset() first.
+            other = _prompt(B, 5, V, seed + 10)
+            again = _run(label + " reusing the cache for a second prompt", _CACHE_HINT, call_learner,
+                         generate, model, other, 10, temperature=0, cache=cache, name="MyConcatCache")
+            if not torch.equal(again, generate(model, other, 10, temperature=0, use_cache=False)):
+                raise AssertionError(f"{label} a reused cache gives wrong tokens for the second prompt. "
+                                     "Hint: after reset() nothing from the first prompt may remain.")
+
+        # A prompt fed in two chunks needs key_positions: the second chunk's mask.
+        x = _prompt(2, 12, V, 3)
+        cache = KVCache([cache_class() for _ in range(L)], "dynamic", batch_size=2)
+
+        def chunks():
+            with torch.no_grad():
+                return torch.cat([model(x[:, :7], cache), model(x[:, 7:], cache)], 1)
+
+        got = _run(f"[{style} model] a prompt fed in chunks of 7 and 5", _CACHE_HINT, call_learner, chunks,
+                   name="MyConcatCache")
+        with torch.no_grad():
+            close(got, model(x), f"[{style} model] a prompt fed in chunks of 7 then 5 tokens. Hint: "
+                  "key_positions(input_pos) is asked before update, and must list the position of every "
+                  "key that update is about to return.", atol=1e-4, rtol=1e-4)
+    passed("MyConcatCache")
+
+
+# -- exercise: chunked prefill ---------------------------------------------------------------
+
+_CHUNK_HINT = ("each chunk continues where the previous one ended: its positions are start..start+len-1, "
+               "where start is the number of prompt tokens already fed (cache.length).")
+
+
+def check_chunked_prefill(fn) -> None:
+    """`fn(model, idx, cache, chunk_size) -> (B, V)`: feed the prompt in chunks, return the next logits."""
+    cases = [
+        # (style, window, cache kind, B, T, chunk_size)
+        ("gpt2", None, "static", 2, 10, 3),
+        ("gpt2", None, "dynamic", 1, 10, 1),
+        ("gpt2", None, "dynamic", 2, 7, 7),
+        ("gpt2", None, "static", 1, 5, 16),
+        ("modern", 6, "sliding", 2, 20, 8),
+        ("modern", 6, "sliding", 1, 13, 4),
+    ]
+    for i, (style, window, kind, B, T, chunk) in enumerate(cases):
+        model = _model(style, seed=i, window=window)
+        V = model.config.vocab_size
+        idx = _prompt(B, T, V, seed=i)
+        extra = dict(max_seq_len=T + 8) if kind == "static" else {}
+        cache = model.new_cache(B, kind=kind, **extra)
+        label = f"[{kind} cache, batch {B}, prompt of {T}, chunk_size={chunk}]"
+        fed = []
+        hook = model.tok_emb.register_forward_hook(lambda mod, args, out: fed.append(args[0].size(-1)))
+        try:
+            with torch.no_grad():
+                got = _run(label, _CHUNK_HINT, call_learner, fn, model, idx.clone(), cache, chunk,
+                           name="my_chunked_prefill")
+        finally:
+            hook.remove()
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (B, V):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(f"{label} expected logits of shape {(B, V)} for the token after the prompt, "
+                                 f"got {shape}. Hint: one row of logits per sequence, from one position.")
+        if max(fed, default=0) > chunk:
+            raise AssertionError(f"{label} the model was fed {max(fed)} tokens in one call; feed at most "
+                                 "chunk_size tokens per call.")
+        if sum(fed) != T or cache.length != T:
+            raise AssertionError(
+                f"{label} the model saw {sum(fed)} prompt tokens in {len(fed)} calls and cache.length is "
+                f"{cache.length}; both should be {T}. Hint: every prompt token goes through the model exactly "
+                "once, and the last chunk may be shorter.")
+        with torch.no_grad():
+            expected = model(idx)[:, -1]
+        close(got, expected, f"{label} Hint: return the logits at the last position of the last chunk; "
+              "the chunks must go in at their own positions.", atol=1e-4, rtol=1e-4)
+
+        # The cache itself must be right: continue greedily from it and compare with no cache at all.
+        tokens = [expected.argmax(-1, keepdim=True)]
+        for _ in range(8):
+            tokens.append(decode_step(model, tokens[-1], cache).argmax(-1, keepdim=True))
+        naive = generate(model, idx, 9, temperature=0, use_cache=False)[:, T:]
+        if not torch.equal(torch.cat(tokens, 1), naive):
+            raise AssertionError(f"{label} decoding on from your cache gives different tokens than no cache. "
+                                 f"Hint: {_CHUNK_HINT}")
+    passed("my_chunked_prefill")
