@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # Modules that are also commands (`python -m kvlab.train`, ...) load on first use: importing them
 # here would make `python -m` run a module that is already imported.
-_LAZY = ("train", "student")
+_LAZY = ("bench", "student", "train")
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["use_style", "attention_heatmap"]
+__all__ = ["use_style", "attention_heatmap", "plot_bench"]
 
 STYLE = {
     "figure.figsize": (6.4, 4.0),
@@ -66,3 +66,31 @@ def attention_heatmap(
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return ax
+
+
+def plot_bench(result: dict):
+    """Plot a `kvlab.bench` result: per-token latency traces and throughput by setting.
+
+    Left: the median latency of each decode step (cached runs stay flat, uncached runs grow
+    with the sequence). Right: generated tokens per second for every setting. Returns the
+    Figure. Built in chapter 5.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax_trace, ax_tput) = plt.subplots(1, 2, figsize=(11, 4))
+    labels, values = [], []
+    for r in result["results"]:
+        name = f"{r['backend']} {'cached' if r['use_cache'] else 'uncached'} B={r['batch_size']} T={r['prompt_len']}"
+        ax_trace.plot([t * 1e3 for t in r["step_trace_s"]], label=name, lw=1)
+        labels.append(f"{name} N={r['new_tokens']}")
+        values.append(r["throughput_tok_s"]["median"])
+    ax_trace.set_xlabel("decode step")
+    ax_trace.set_ylabel("latency (ms)")
+    ax_trace.set_title("Time per output token")
+    ax_trace.legend(fontsize=7)
+    ax_tput.barh(range(len(values)), values)
+    ax_tput.set_yticks(range(len(values)), labels, fontsize=7)
+    ax_tput.set_xlabel("generated tokens / s")
+    ax_tput.set_title(f"Throughput ({result['device']}, {result['dtype']})")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,298 @@
+"""Measuring generation: time to first token, time per output token, throughput, memory.
+
+Shape legend: B batch size, T prompt length, N new tokens.
+
+Definitions used everywhere in the course:
+    TTFT   time to first token: the prefill (whole prompt, one forward) plus choosing token 1
+    TPOT   time per output token: the median of the decode steps that follow
+    throughput  B × N / total time, in generated tokens per second
+Every time is taken between device synchronisations (`kvlab.synchronize`), after warm-up runs,
+and repeated; medians are reported with the spread. The per-token trace (one latency per
+generated token) is what shows the naive loop slowing down as the text grows while the cached
+one stays flat. Built in chapter 5.
+
+    python -m kvlab.bench --help
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache import kv_cache_bytes
+from .device import describe_device, synchronize
+from .generate import decode_step, next_token, prefill
+from .gpt import GPT, GPTConfig
+
+__all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "main"]
+
+
+@dataclass
+class GenerationTiming:
+    """One timed generation: the prefill and every decode step, in seconds."""
+
+    backend: str  # "kvlab" or "hf"
+    use_cache: bool
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    ttft: float  # prefill + first token
+    step_times: list[float] = field(default_factory=list)  # one per token after the first
+    total: float = 0.0
+    peak_memory_bytes: int | None = None  # CUDA allocator peak, or the cache's tensor bytes elsewhere
+
+    @property
+    def tpot(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.batch_size * self.new_tokens / self.total
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device, fallback: int) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return fallback
+
+
+@torch.inference_mode()
+def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache: bool = True,
+                    cache_kind: str = "static") -> tuple[GenerationTiming, torch.Tensor]:
+    """Greedy-generate `new_tokens` after `idx` (B, T), timing the prefill and every step.
+
+    The loop is `kvlab.generate`'s own (prefill → next_token → decode_step), with a device
+    synchronisation after each step so each time is the step's real cost. Returns the timing
+    and the tokens (B, T + N), which equal `kvlab.generate(..., temperature=0)`. Built in
+    chapter 5.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    device = model.device
+    B, T = idx.shape
+    model.check_inputs(idx)
+    if T + new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt {T} + new_tokens {new_tokens} exceeds max_seq_len={model.config.max_seq_len}")
+    out = torch.empty(B, T + new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = idx
+    cache = None
+    _reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    if use_cache:
+        cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
+            else model.new_cache(B, kind=cache_kind)
+        logits = prefill(model, idx, cache)
+    else:
+        logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+    token = next_token(logits, temperature=0)
+    out[:, T] = token[:, 0]
+    synchronize(device)
+    ttft = time.perf_counter() - start
+    steps = []
+    for n in range(1, new_tokens):
+        t0 = time.perf_counter()
+        if use_cache:
+            logits = decode_step(model, token, cache)
+        else:
+            logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+        token = next_token(logits, temperature=0)
+        out[:, T + n] = token[:, 0]
+        synchronize(device)
+        steps.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    cache_bytes = cache.nbytes if cache is not None else 0
+    timing = GenerationTiming("kvlab", use_cache, B, T, new_tokens, ttft, steps, total,
+                              _peak(device, cache_bytes))
+    return timing, out
+
+
+class _TokenClock:
+    """A Hugging Face streamer that timestamps each generated token (its `put` is called per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def time_hf_generation(hf_model, idx: torch.Tensor, new_tokens: int, *, use_cache: bool = True
+                       ) -> tuple[GenerationTiming, torch.Tensor]:
+    """The same measurement for a Hugging Face model's `generate` (greedy, exactly `new_tokens`).
+
+    A streamer timestamps each token; its first call receives the prompt, so the stamps after
+    it mark token 1 (TTFT) and each decode step. Built in chapter 5.
+    """
+    device = idx.device
+    clock = _TokenClock(device)
+    _reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = hf_model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            use_cache=use_cache, pad_token_id=0, streamer=clock)
+    synchronize(device)
+    total = time.perf_counter() - start
+    stamps = clock.stamps[1:]  # the first put() is the prompt
+    ttft = stamps[0] - start
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    B, T = idx.shape
+    cfg = hf_model.config
+    est = kv_cache_bytes(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T + new_tokens, B,
+                         next(hf_model.parameters()).dtype) if use_cache else 0
+    return GenerationTiming("hf", use_cache, B, T, new_tokens, ttft, steps, total, _peak(device, est)), out
+
+
+def summarize(runs: list[GenerationTiming]) -> dict:
+    """Median and spread (min, max) over repeats of TTFT, TPOT, throughput and total time."""
+    def stats(values):
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    first = runs[0]
+    trace = [statistics.median(step) for step in zip(*(r.step_times for r in runs))]
+    return {
+        "backend": first.backend, "use_cache": first.use_cache, "batch_size": first.batch_size,
+        "prompt_len": first.prompt_len, "new_tokens": first.new_tokens, "repeats": len(runs),
+        "ttft_s": stats([r.ttft for r in runs]), "tpot_s": stats([r.tpot for r in runs]),
+        "throughput_tok_s": stats([r.throughput for r in runs]), "total_s": stats([r.total for r in runs]),
+        "peak_memory_bytes": max(r.peak_memory_bytes or 0 for r in runs),
+        "step_trace_s": trace,  # median latency of each decode step across repeats
+    }
+
+
+def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),
+          repeats: int = 3, warmup: int = 1, hf_model=None, seed: int = 0, progress=print) -> dict:
+    """Run every combination, `warmup` untimed runs first, `repeats` timed; results as a dict for JSON.
+
+    With `hf_model` (the same weights, e.g. from `to_hf_gpt2_state_dict`), each setting also
+    runs Hugging Face `generate`, and the run checks both produced identical tokens.
+    """
+    device = model.device
+    results = []
+    for B in batch_sizes:
+        for T in prompt_lens:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
+            for N in new_tokens:
+                for cached in use_cache:
+                    backends = [("kvlab", lambda: time_generation(model, idx, N, use_cache=cached))]
+                    if hf_model is not None:
+                        backends.append(("hf", lambda: time_hf_generation(hf_model, idx, N, use_cache=cached)))
+                    tokens = {}
+                    for name, run in backends:
+                        for _ in range(warmup):
+                            run()
+                        runs = []
+                        for _ in range(repeats):
+                            timing, tokens[name] = run()
+                            runs.append(timing)
+                        summary = summarize(runs)
+                        results.append(summary)
+                        progress(f"{name:5s} cache={cached!s:5s} B={B:<3d} T={T:<5d} N={N:<5d} "
+                                 f"TTFT {summary['ttft_s']['median'] * 1e3:8.1f} ms  "
+                                 f"TPOT {summary['tpot_s']['median'] * 1e3:7.2f} ms  "
+                                 f"{summary['throughput_tok_s']['median']:8.1f} tok/s")
+                    if "hf" in tokens and not torch.equal(tokens["hf"].cpu(), tokens["kvlab"].cpu()):
+                        raise AssertionError(f"kvlab and Hugging Face generated different tokens at B={B}, T={T}")
+    c = model.config
+    return {
+        "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "model": c.to_dict(), "parameters": model.num_params(),
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot)."""
+    import argparse
+
+    from .device import pick_device
+
+    def ints(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        return values
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kvlab.bench",
+        description="Time generation with and without the KV cache: time to first token (prefill), time per "
+                    "output token, throughput and peak memory, swept over batch size, prompt length and new "
+                    "tokens. Greedy decoding, random weights of the chosen shape (speed does not depend on "
+                    "the values). Results go to a JSON file; --plot also draws them.")
+    parser.add_argument("--model", default="gpt2", help="a GPTConfig preset (default: gpt2, the 124M shape)")
+    parser.add_argument("--batch-sizes", type=ints, default=[1], help="comma-separated, e.g. 1,8 (default 1)")
+    parser.add_argument("--prompt-lens", type=ints, default=[32], help="comma-separated (default 32)")
+    parser.add_argument("--new-tokens", type=ints, default=[128], help="comma-separated (default 128)")
+    parser.add_argument("--cache", choices=["both", "on", "off"], default="both",
+                        help="time cached, uncached or both (default both)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--hf", action="store_true",
+                        help="also time Hugging Face generate on the same weights (GPT-2 shapes; needs transformers)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
+    parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = GPTConfig.from_preset(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = GPT(config).to(device=device, dtype=dtype).eval()
+    hf_model = None
+    if args.hf:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from .pretrained import to_hf_gpt2_state_dict
+
+        hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.max_seq_len,
+                                              n_embd=config.d_model, n_layer=config.n_layers,
+                                              n_head=config.n_heads)).eval()
+        hf_model.load_state_dict(to_hf_gpt2_state_dict(model), strict=False)
+        hf_model.to(device=device, dtype=dtype)
+    use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
+    result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
+                   use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model)
+    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.plot:
+        from .viz import plot_bench
+
+        plot_bench(result).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

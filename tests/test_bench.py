@@ -1,0 +1,66 @@
+"""Benchmarks: the timed loop generates what generate() does, and the results are well formed."""
+
+import json
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.bench import main, summarize, sweep, time_generation, time_hf_generation
+from conftest import make_model
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_timed_loop_generates_the_same_tokens(use_cache):
+    model = make_model("gpt2")
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    timing, tokens = time_generation(model, idx, 20, use_cache=use_cache)
+    assert torch.equal(tokens, kvlab.generate(model, idx, 20, temperature=0))
+    assert len(timing.step_times) == 19 and timing.ttft > 0 and timing.total >= timing.ttft + sum(timing.step_times)
+    assert timing.throughput == pytest.approx(2 * 20 / timing.total)
+    assert timing.peak_memory_bytes == (kvlab.kv_cache_bytes(2, 4, 8, 25, 2) if use_cache else 0)
+
+
+def test_hf_timing_matches_tokens_and_counts_steps():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = make_model("gpt2")
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=320, n_embd=32, n_layer=2, n_head=4,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    hf.load_state_dict(kvlab.to_hf_gpt2_state_dict(model), strict=False)
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    timing, tokens = time_hf_generation(hf, idx, 12)
+    assert len(timing.step_times) == 11
+    assert torch.equal(tokens, kvlab.generate(model, idx, 12, temperature=0))
+
+
+def test_sweep_and_summary_shapes():
+    model = make_model("modern")
+    result = sweep(model, batch_sizes=(1, 2), prompt_lens=(4,), new_tokens=(6,), repeats=2, warmup=0,
+                   progress=lambda *_: None)
+    assert len(result["results"]) == 4  # 2 batch sizes x cached/uncached
+    r = result["results"][0]
+    assert len(r["step_trace_s"]) == 5 and r["repeats"] == 2
+    assert r["ttft_s"]["min"] <= r["ttft_s"]["median"] <= r["ttft_s"]["max"]
+    assert result["model"]["n_kv_heads"] == 2 and json.dumps(result)
+
+
+def test_bad_arguments():
+    model = make_model("gpt2")
+    with pytest.raises(ValueError, match="new_tokens"):
+        time_generation(model, torch.zeros(1, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        time_generation(model, torch.zeros(1, 300, dtype=torch.long), 30)
+    with pytest.raises(SystemExit):
+        main(["--batch-sizes", "0"])
+    with pytest.raises(SystemExit):
+        main(["--model", "gpt5"])
+
+
+def test_cli_writes_json_and_plot(tmp_path):
+    out, plot = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["--model", "tiny", "--new-tokens", "4", "--prompt-lens", "3", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out), "--plot", str(plot)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["use_cache"] for r in data["results"]} == {True, False}
+    assert plot.stat().st_size > 1000
