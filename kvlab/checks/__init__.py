@@ -16,3 +16,5 @@ from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_l
                   check_rms_norm)
 from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
                        check_sliding_window_mask)
+from .tokens import (check_bpe_encode, check_char_tokenizer, check_get_batch, check_merge,  # noqa: F401
+                     check_most_frequent_pair)
