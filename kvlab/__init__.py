@@ -3,7 +3,7 @@
 The library behind the course's chapters; each module names the chapter that builds it.
 """
 
-from . import attention, cache, data, device, gpt, layers, pretrained, sampling, tokenizers, viz
+from . import attention, cache, data, device, gpt, layers, pretrained, sampling, seq2seq, tokenizers, viz
 from .attention import CrossAttention, SelfAttention, attention_mask, attention_reference, causal_mask
 from .cache import KVCache, kv_cache_bytes
 from .device import describe_device, pick_device, seed_everything, synchronize
@@ -11,6 +11,8 @@ from .generate import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
 from .pretrained import from_hf_gpt2, load_gpt2, to_hf_gpt2_state_dict
 from .sampling import logits_to_probs
+from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
+                      greedy_decode)
 from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokenizer
 
 # Last: the exercise checks use the names above.

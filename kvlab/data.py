@@ -205,7 +205,7 @@ def get_batch(
     tensor ``data``: inputs ``x`` (B, T) and targets ``y`` (B, T), where ``y`` is ``x``
     shifted one token left (each position predicts the next token). Offsets come from a
     CPU ``generator``, so a seed gives the same batches on CPU, CUDA or MPS. Both are int64
-    on ``device``. Built in chapter 6."""
+    on ``device``. Built in chapter 1; used for training in chapter 6."""
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data must be a 1-D torch.Tensor of token ids, got {type(data).__name__}")
     if data.dim() != 1:

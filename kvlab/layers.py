@@ -138,7 +138,11 @@ class Block(nn.Module):
         self.mlp = make_mlp(mlp, d_model, d_ff, bias=bias, dropout=dropout)
 
     def forward(self, x: Tensor, *, mask=None, is_causal=None, rope=None, cache=None, input_pos=None) -> Tensor:
-        """x: (B, T, C) -> (B, T, C). Causal by default; an explicit `mask` replaces that."""
+        """x: (B, T, C) -> (B, T, C).
+
+        A decoder block by default: causal when neither `mask` nor `is_causal` is given. An
+        encoder (bidirectional) must say so with `is_causal=False` (and a padding `mask` if any).
+        """
         if is_causal is None:
             is_causal = mask is None  # a decoder block: causal unless the caller says otherwise
         a = self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, input_pos=input_pos)

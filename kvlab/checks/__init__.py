@@ -18,3 +18,4 @@ from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache
                        check_sliding_window_mask)
 from .tokens import (check_bpe_encode, check_char_tokenizer, check_get_batch, check_merge,  # noqa: F401
                      check_most_frequent_pair)
+from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_mask  # noqa: F401

@@ -1,0 +1,276 @@
+"""Chapter 8's exercise checks: they pass right answers and catch the stub and plausible mistakes."""
+
+import math
+
+import pytest
+import torch
+
+from kvlab.checks._common import ExerciseNotDone
+from kvlab.checks.seq2seq import (
+    _DECODE_CASES,
+    _decode_case,
+    check_cross_attention,
+    check_greedy_decode,
+    check_padding_mask,
+)
+from kvlab.seq2seq import greedy_decode
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError  # your code here
+
+
+# --------------------------------------------------------------------------- padding mask
+
+
+def padding_mask_solution(lengths, S):
+    return torch.arange(S)[None, :] < lengths[:, None]
+
+
+def padding_mask_inverted(lengths, S):
+    return ~padding_mask_solution(lengths, S)
+
+
+def padding_mask_off_by_one(lengths, S):  # one padding position too many counted as real
+    return torch.arange(S)[None, :] <= lengths[:, None]
+
+
+def padding_mask_transposed(lengths, S):
+    return padding_mask_solution(lengths, S).T
+
+
+def padding_mask_floats(lengths, S):
+    return padding_mask_solution(lengths, S).float()
+
+
+def test_padding_mask_check_passes_a_solution(capsys):
+    check_padding_mask(padding_mask_solution)
+    assert "my_padding_mask: all checks passed" in capsys.readouterr().out
+
+
+def test_padding_mask_check_fails_the_stub():
+    with pytest.raises(ExerciseNotDone, match="not written yet"):
+        check_padding_mask(stub)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (padding_mask_inverted, "inverted"),
+    (padding_mask_off_by_one, "first and last positions"),
+    (padding_mask_transposed, "one row per sequence"),
+    (padding_mask_floats, "bool"),
+])
+def test_padding_mask_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_padding_mask(wrong)
+
+
+# --------------------------------------------------------------------------- cross-attention
+
+
+def cross_attention_solution(q, k, v, pad_mask):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    scores = scores.masked_fill(~pad_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def cross_attention_sdpa(q, k, v, pad_mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pad_mask[:, None, None, :])
+
+
+def cross_attention_causal(q, k, v, pad_mask):
+    T, S = q.size(-2), k.size(-2)
+    mask = pad_mask[:, None, None, :] & torch.ones(T, S, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def cross_attention_no_mask(q, k, v, pad_mask):
+    return ((q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)) @ v
+
+
+def cross_attention_unscaled(q, k, v, pad_mask):
+    scores = (q @ k.transpose(-2, -1)).masked_fill(~pad_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def cross_attention_swapped(q, k, v, pad_mask):
+    return cross_attention_solution(q, v, k, pad_mask)
+
+
+def cross_attention_fills_real_tokens(q, k, v, pad_mask):  # masked_fill's polarity backwards
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    return scores.masked_fill(pad_mask[:, None, None, :], float("-inf")).softmax(dim=-1) @ v
+
+
+def cross_attention_with_weights(q, k, v, pad_mask):
+    out = cross_attention_solution(q, k, v, pad_mask)
+    return out, None
+
+
+@pytest.mark.parametrize("solution", [cross_attention_solution, cross_attention_sdpa])
+def test_cross_attention_check_passes_solutions(solution, capsys):
+    check_cross_attention(solution)
+    assert "my_cross_attention: all checks passed" in capsys.readouterr().out
+
+
+def test_cross_attention_check_fails_the_stub():
+    with pytest.raises(ExerciseNotDone):
+        check_cross_attention(stub)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (cross_attention_causal, "not causal"),
+    (cross_attention_no_mask, "padded keys"),
+    (cross_attention_unscaled, "too peaked"),
+    (cross_attention_swapped, "which is which"),
+    (cross_attention_fills_real_tokens, "NaN"),
+    (cross_attention_with_weights, "not a tuple"),
+])
+def test_cross_attention_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_cross_attention(wrong)
+
+
+# --------------------------------------------------------------------------- greedy decoding
+
+
+def greedy_solution(model, src, max_new_tokens):
+    c = model.config
+    B = src.size(0)
+    memory = model.encode(src)
+    cache = model.new_cache(memory, src != c.pad_id, max_seq_len=max(max_new_tokens, 1))
+    out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long)
+    token = torch.full((B, 1), c.bos_id, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    for n in range(max_new_tokens):
+        logits = model.decode(token, cache=cache)[:, -1]  # (B, V)
+        nxt = torch.where(done, c.pad_id, logits.argmax(-1))
+        out[:, n] = nxt
+        done |= nxt == c.eos_id
+        if done.all():
+            return out[:, : n + 1]
+        token = nxt[:, None]
+    return out
+
+
+def greedy_uncached(model, src, max_new_tokens):
+    """Right tokens, but re-runs the decoder (and re-projects the memory) every step."""
+    c = model.config
+    memory = model.encode(src)
+    tgt = torch.full((src.size(0), 1), c.bos_id)
+    done = torch.zeros(src.size(0), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = model.decode(tgt, memory, src != c.pad_id)[:, -1].argmax(-1)
+        nxt = torch.where(done, c.pad_id, nxt)
+        done |= nxt == c.eos_id
+        tgt = torch.cat([tgt, nxt[:, None]], dim=1)
+        if done.all():
+            break
+    return tgt[:, 1:]
+
+
+def greedy_no_pad_after_eos(model, src, max_new_tokens):
+    c = model.config
+    memory = model.encode(src)
+    cache = model.new_cache(memory, src != c.pad_id)
+    token, outs = torch.full((src.size(0), 1), c.bos_id), []
+    done = torch.zeros(src.size(0), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        token = model.decode(token, cache=cache)[:, -1:].argmax(-1)
+        outs.append(token)
+        done |= token[:, 0] == c.eos_id
+        if done.all():
+            break
+    return torch.cat(outs, dim=1)
+
+
+def greedy_with_bos(model, src, max_new_tokens):
+    out = greedy_solution(model, src, max_new_tokens)
+    return torch.cat([torch.full((src.size(0), 1), model.config.bos_id), out], dim=1)
+
+
+def greedy_never_stops(model, src, max_new_tokens):
+    out = greedy_solution(model, src, max_new_tokens)
+    full = torch.full((src.size(0), max_new_tokens), model.config.pad_id)
+    full[:, : out.size(1)] = out
+    return full
+
+
+def greedy_ignores_padding(model, src, max_new_tokens):
+    c = model.config
+    memory = model.encode(src, torch.ones_like(src, dtype=torch.bool))  # padding treated as tokens
+    cache = model.new_cache(memory, torch.ones_like(src, dtype=torch.bool), max_seq_len=max_new_tokens)
+    token = torch.full((src.size(0), 1), c.bos_id)
+    done = torch.zeros(src.size(0), dtype=torch.bool)
+    out = torch.full((src.size(0), max_new_tokens), c.pad_id)
+    for n in range(max_new_tokens):
+        nxt = torch.where(done, c.pad_id, model.decode(token, cache=cache)[:, -1].argmax(-1))
+        out[:, n] = nxt
+        done |= nxt == c.eos_id
+        if done.all():
+            return out[:, : n + 1]
+        token = nxt[:, None]
+    return out
+
+
+def greedy_wrong_positions(model, src, max_new_tokens):
+    """Feeds every token at position 0 (the cache is rewound each step)."""
+    c = model.config
+    memory = model.encode(src)
+    cache = model.new_cache(memory, src != c.pad_id, max_seq_len=max_new_tokens)
+    token = torch.full((src.size(0), 1), c.bos_id)
+    done = torch.zeros(src.size(0), dtype=torch.bool)
+    out = torch.full((src.size(0), max_new_tokens), c.pad_id)
+    for n in range(max_new_tokens):
+        nxt = torch.where(done, c.pad_id, model.decode(token, cache=cache, input_pos=0)[:, -1].argmax(-1))
+        out[:, n] = nxt
+        done |= nxt == c.eos_id
+        if done.all():
+            return out[:, : n + 1]
+        token = nxt[:, None]
+    return out
+
+
+def test_decode_cases_exercise_what_the_check_claims():
+    ends, widths = [], []
+    for _, overrides, seed, lengths, n_new in _DECODE_CASES:
+        model, src = _decode_case(overrides, seed, lengths)
+        out = greedy_decode(model, src, n_new)
+        widths.append((out.size(1), n_new))
+        ends.append([row.index(2) if 2 in row else None for row in out.tolist()])
+    assert None in ends[0] and len({e for e in ends[0] if e is not None}) > 1  # some end, at different steps
+    assert widths[1][0] < widths[1][1] and None not in ends[1]  # every row finishes early
+    assert ends[2] == [None]
+
+
+def test_greedy_check_passes_a_solution(capsys):
+    check_greedy_decode(greedy_solution)
+    assert "my_greedy_decode: all checks passed" in capsys.readouterr().out
+
+
+def test_greedy_check_fails_the_stub():
+    with pytest.raises(ExerciseNotDone):
+        check_greedy_decode(stub)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (greedy_uncached, "projected"),
+    (greedy_no_pad_after_eos, "right up to its EOS"),
+    (greedy_with_bos, "starts with BOS"),
+    (greedy_never_stops, "stop as soon as"),
+    (greedy_ignores_padding, "padding must be masked"),
+    (greedy_wrong_positions, "consecutive positions"),
+])
+def test_greedy_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_greedy_decode(wrong)
+
+
+def test_checks_leave_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    check_greedy_decode(greedy_solution)
+    check_cross_attention(cross_attention_solution)
+    check_padding_mask(padding_mask_solution)
+    assert torch.equal(torch.rand(3), expected)
