@@ -118,7 +118,8 @@ def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | No
         if nb.cells[index].get("execution_count") is None:
             grade.results[label] = "not run"
         elif errors:
-            grade.results[label] = f"fail: {errors[0].get('ename')}: {errors[0].get('evalue', '')[:200]}"
+            first_line = (errors[0].get("evalue", "").splitlines() or [""])[0]
+            grade.results[label] = f"fail: {errors[0].get('ename')}: {first_line[:200]}"
         else:
             grade.results[label] = "pass"
     return grade

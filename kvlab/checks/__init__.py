@@ -19,3 +19,5 @@ from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache
 from .tokens import (check_bpe_encode, check_char_tokenizer, check_get_batch, check_merge,  # noqa: F401
                      check_most_frequent_pair)
 from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_mask  # noqa: F401
+from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
+                     check_keys_values, check_reset_between_prompts, check_window_eviction)
