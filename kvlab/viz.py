@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["use_style", "attention_heatmap", "plot_bench"]
+__all__ = ["use_style", "attention_heatmap", "plot_bench", "kv_dashboard_frames", "animate_kv_dashboard"]
 
 STYLE = {
     "figure.figsize": (6.4, 4.0),
@@ -94,3 +94,116 @@ def plot_bench(result: dict):
     ax_tput.set_title(f"Throughput ({result['device']}, {result['dtype']})")
     fig.tight_layout()
     return fig
+
+
+def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0, head: int = 0,
+                        kind: str = "static", window: int | None = None) -> list[dict]:
+    """Record what one attention head sees at each decode step, for `animate_kv_dashboard`.
+
+    Greedy-generates `steps` tokens after `idx` (1, T) with a cache of `kind` ("static",
+    "dynamic" or "sliding" with `window`), and for each decode step stores, for `head` of
+    `layer`: the query (D,), the cached keys and values (S, D), the position of each key
+    (-1 = empty slot) and the attention weights (S,). The weights are recomputed from q and K
+    and checked against the layer's real output. Built in chapter 4 (the KV dashboard).
+    """
+    from .attention import attention_reference, repeat_kv
+    from .generate import decode_step, next_token, prefill
+
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"idx must be one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if not 0 <= layer < model.config.n_layers or not 0 <= head < model.config.n_heads:
+        raise ValueError(f"layer must be in [0, {model.config.n_layers - 1}] and head in "
+                         f"[0, {model.config.n_heads - 1}], got layer={layer}, head={head}")
+    attn = model.blocks[layer].attn
+    seen: dict = {}
+    original = attn._finish
+
+    def spy(q, k, v, mask, is_causal, return_weights):
+        seen.update(q=q, k=k, v=v, mask=mask)
+        return original(q, k, v, mask, is_causal, return_weights)
+
+    cache = model.new_cache(1, kind=kind, window=window) if kind != "static" else model.new_cache(1)
+    frames = []
+    attn._finish = spy  # an instance attribute shadows the method for this one layer only
+    try:
+        with torch.inference_mode():
+            logits = prefill(model, idx, cache)
+            token = next_token(logits, temperature=0)
+            for step in range(steps):
+                position = cache.length
+                key_pos = cache.key_positions(torch.tensor([position])).cpu()
+                logits = decode_step(model, token, cache)
+                n_rep = attn.n_heads // attn.n_kv_heads
+                q = seen["q"][0, head, -1]  # (D,)
+                k = repeat_kv(seen["k"], n_rep)[0, head]  # (S, D)
+                v = repeat_kv(seen["v"], n_rep)[0, head]
+                mask = seen["mask"]
+                row_mask = mask.reshape(-1, k.size(0))[-1] if mask is not None else None
+                _, weights = attention_reference(q[None], k, v, row_mask)
+                frames.append({"step": step, "position": position, "token": int(token), "q": q.float().cpu(),
+                               "k": k.float().cpu(), "v": v.float().cpu(), "key_pos": key_pos,
+                               "weights": weights[0].float().cpu()})
+                token = next_token(logits, temperature=0)
+    finally:
+        del attn._finish  # back to the class's method
+    return frames
+
+
+def animate_kv_dashboard(frames: list[dict], path: str | None = None, *, fps: int = 3, title: str = ""):
+    """Draw the recorded steps as an animation: query, key cache, attention weights, value cache.
+
+    Rows of the cache panels are cache slots labelled with the position they hold, so a
+    growing cache fills downwards and a sliding window overwrites its oldest row. Saves a GIF
+    when `path` is given (needs pillow, which matplotlib installs). Returns the animation.
+    Built in chapter 4.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    if not frames:
+        raise ValueError("frames is empty: record at least one step with kv_dashboard_frames")
+    S = max(f["k"].size(0) for f in frames)
+    D = frames[0]["q"].numel()
+    kmax = max(float(f["k"].abs().max()) for f in frames) or 1.0
+    vmax = max(float(f["v"].abs().max()) for f in frames) or 1.0
+    fig, axes = plt.subplots(1, 4, figsize=(12, 1.8 + 0.22 * max(S, 8)), width_ratios=[1, 3, 1, 3],
+                             layout="constrained")
+
+    def pad(t):  # (s, D) -> (S, D) with NaN rows below
+        out = torch.full((S, t.size(1)), float("nan"))
+        out[: t.size(0)] = t
+        return out.numpy()
+
+    def draw(i):
+        f = frames[i]
+        for ax in axes:
+            ax.clear()
+        axes[0].imshow(f["q"][:, None].numpy(), cmap="coolwarm", vmin=-kmax, vmax=kmax, aspect="auto")
+        axes[0].set_title("query q")
+        axes[0].set_xticks([])
+        axes[0].set_ylabel("head dim")
+        axes[1].imshow(pad(f["k"]), cmap="coolwarm", vmin=-kmax, vmax=kmax, aspect="auto")
+        axes[1].set_title("key cache K")
+        labels = [str(int(p)) if p >= 0 else "empty" for p in f["key_pos"].tolist()]
+        axes[1].set_yticks(range(len(labels)), labels, fontsize=6)
+        axes[1].set_ylabel("slot (position held)")
+        axes[1].set_xlabel("head dim")
+        w = torch.full((S,), float("nan"))
+        w[: f["weights"].numel()] = f["weights"]
+        axes[2].barh(range(S), w.nan_to_num(0).numpy(), color="tab:green")
+        axes[2].set_ylim(S - 0.5, -0.5)
+        axes[2].set_xlim(0, 1)
+        axes[2].set_title("softmax(q·K/√D)")
+        axes[2].set_yticks([])
+        axes[3].imshow(pad(f["v"]), cmap="PuOr", vmin=-vmax, vmax=vmax, aspect="auto")
+        axes[3].set_title("value cache V")
+        axes[3].set_yticks([])
+        axes[3].set_xlabel("head dim")
+        fig.suptitle(f"{title}  decode step {f['step']}: query at position {f['position']}".strip())
+        return axes
+
+    anim = FuncAnimation(fig, draw, frames=len(frames), interval=1000 // fps)
+    if path is not None:
+        anim.save(path, writer=PillowWriter(fps=fps))
+        plt.close(fig)
+    return anim
