@@ -116,3 +116,12 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
 def test_prompt_on_another_device_is_a_clear_error():
     with pytest.raises(ValueError, match="idx is on meta but the model is on cpu"):
         kvlab.generate(make_model("gpt2"), torch.zeros(1, 3, dtype=torch.long, device="meta"), 5)
+
+
+def test_stats_are_filled_and_checked(model, prompt):
+    stats = {}
+    out = kvlab.generate(model, prompt, 9, temperature=0, stats=stats)
+    assert out.shape == (2, 16) and stats["new_tokens"] == 9
+    assert stats["total_s"] >= stats["prefill_s"] + stats["decode_s"] - 1e-6 and stats["prefill_s"] > 0
+    with pytest.raises(TypeError, match="stats"):
+        kvlab.generate(model, prompt, 3, stats=[])

@@ -15,13 +15,15 @@ Built in chapter 4.
 from __future__ import annotations
 
 import numbers
+import time
 
 import torch
 from torch import Tensor
 
-from .cache import KVCache
-from .gpt import GPT
-from .sampling import check_sampling_args, logits_to_probs, sample
+from ..cache import KVCache
+from ..device import synchronize
+from ..gpt import GPT
+from ..sampling import check_sampling_args, logits_to_probs, sample
 
 __all__ = ["next_token", "generate_naive", "prefill", "decode_step", "generate"]
 
@@ -120,6 +122,7 @@ def generate(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     cache: KVCache | None = None,
+    stats: dict | None = None,
 ) -> Tensor:
     """Continue the prompts `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
 
@@ -127,10 +130,14 @@ def generate(
     off. With `eos_id`, a sequence that emits it is padded with it afterwards and generation
     stops once every sequence has. `use_cache=False` runs the naive recompute-everything loop.
     A `cache` you pass (e.g. `model.new_cache(B, kind="sliding", window=64)`) is reset first;
-    by default a static cache just large enough is made. Built in chapter 4.
+    by default a static cache just large enough is made. Pass a dict as `stats` to have it
+    filled with timings (prefill_s, decode_s, total_s, new_tokens), measured between device
+    synchronisations. Built in chapter 4.
     """
     T = _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
                              generator, eos_id, cache)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     max_new_tokens = int(max_new_tokens)
     eos_id = None if eos_id is None else int(eos_id)
     B = idx.size(0)
@@ -139,6 +146,9 @@ def generate(
     if max_new_tokens == 0:
         return out
     choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    if stats is not None:
+        synchronize(idx.device)
+        start = time.perf_counter()
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
 
     if use_cache:
@@ -151,6 +161,9 @@ def generate(
         logits = prefill(model, idx, cache)
     else:
         logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+    if stats is not None:
+        synchronize(idx.device)
+        prefilled = time.perf_counter()
 
     n = 0
     for n in range(1, max_new_tokens + 1):
@@ -165,4 +178,8 @@ def generate(
             logits = decode_step(model, token, cache)
         else:
             logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+    if stats is not None:
+        synchronize(idx.device)
+        end = time.perf_counter()
+        stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
     return out[:, : T + n]
