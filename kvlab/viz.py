@@ -163,7 +163,6 @@ def animate_kv_dashboard(frames: list[dict], path: str | None = None, *, fps: in
     if not frames:
         raise ValueError("frames is empty: record at least one step with kv_dashboard_frames")
     S = max(f["k"].size(0) for f in frames)
-    D = frames[0]["q"].numel()
     kmax = max(float(f["k"].abs().max()) for f in frames) or 1.0
     vmax = max(float(f["v"].abs().max()) for f in frames) or 1.0
     fig, axes = plt.subplots(1, 4, figsize=(12, 1.8 + 0.22 * max(S, 8)), width_ratios=[1, 3, 1, 3],

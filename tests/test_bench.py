@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.bench import main, summarize, sweep, time_generation, time_hf_generation
+from kvlab.bench import main, sweep, time_generation, time_hf_generation
 from conftest import make_model
 
 

@@ -1,6 +1,5 @@
 """Training: schedule, optimizer groups, checkpoints (atomic, validated), exact resume, DDP."""
 
-import json
 import os
 import subprocess
 import sys

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ExerciseNotDone", "call_learner", "close", "passed"]
+__all__ = ["ExerciseNotDone", "MODEL_STYLES", "call_learner", "close", "passed", "small_model"]
 
 
 class ExerciseNotDone(AssertionError):
@@ -43,3 +43,27 @@ def close(actual: Any, expected: torch.Tensor, hint: str, *, atol: float = 1e-5,
 def passed(what: str) -> None:
     """The one line a notebook shows when a check succeeds."""
     print(f"✓ {what}: all checks passed")
+
+
+# The two decoder styles the cache checks run every answer through: GPT-2's and a Llama-style
+# one (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+MODEL_STYLES = {
+    "gpt2": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4),
+    "modern": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                   norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
+}
+
+
+def small_model(style: str, seed: int = 0, **overrides):
+    """A small random GPT whose weight matrices are scaled ×4, so greedy decoding varies and a
+    cache bug changes the tokens. Built without touching the learner's random stream."""
+    from ..gpt import GPT, GPTConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**{**MODEL_STYLES[style], **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model.eval()

@@ -30,8 +30,8 @@ import torch
 
 from ..cache import CACHE_KINDS, KVCache
 from ..generate import generate
-from ..gpt import GPT, GPTConfig
-from ._common import ExerciseNotDone, passed
+from ..gpt import GPT
+from ._common import MODEL_STYLES, ExerciseNotDone, passed, small_model as _model
 
 __all__ = [
     "check_keys_values",
@@ -43,11 +43,6 @@ __all__ = [
     "CacheCheckFailed",
 ]
 
-_STYLES = {
-    "gpt2": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4),
-    "modern": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                   norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
-}
 _WIDE = 64  # the window of a sliding cache in every check but check_window_eviction: wider than any run
 _WINDOW = 5  # check_window_eviction's default window
 
@@ -62,16 +57,6 @@ class CacheCheckFailed(AssertionError):
 
 # -- building models and caches ---------------------------------------------------------------
 
-def _model(style: str, seed: int = 0, window: int | None = None) -> GPT:
-    """A small random model whose weights are scaled up so greedy decoding varies."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(**_STYLES[style], window=window))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    return model.eval()
 
 
 def _prompt(B: int, T: int, seed: int, vocab_size: int = 61) -> torch.Tensor:
@@ -296,7 +281,7 @@ def check_decode_positions(cache_cls, window: int | None = None) -> None:
     _window_arg(kind, window)
     name = _name(cache_cls)
     steps = 24
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style)
         for B, T, seed in [(2, 7, 1), (1, 1, 2)]:
             label = f"[{name}, {style} model, batch {B}, prompt of {T}, {steps} greedy tokens]"
@@ -342,7 +327,7 @@ def check_chunked_prefill_mask(cache_cls, window: int | None = None) -> None:
     kind = _kind(cache_cls)
     _window_arg(kind, window)
     name = _name(cache_cls)
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style, seed=1)
         for B, sizes, seed in [(2, [5, 4, 3, 2], 3), (1, [2, 9], 4)]:
             x = _prompt(B, sum(sizes), seed)
@@ -377,7 +362,7 @@ def check_reset_between_prompts(cache_cls, window: int | None = None) -> None:
     kind = _kind(cache_cls)
     _window_arg(kind, window)
     name = _name(cache_cls)
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style, seed=2)
         first = _prompt(2, 12, 5)
         second = generate(model, _prompt(2, 9, 6), 12, temperature=0, use_cache=False)
@@ -410,7 +395,7 @@ def check_window_eviction(cache_cls, window: int | None = None) -> None:
                          f"{_name(cache_cls)} has kind {kind!r}")
     W = _window_arg(kind, window)
     name = _name(cache_cls)
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style, seed=3, window=W)  # its own mask keeps each query's last W positions
         scenarios = [  # (batch, prompt chunks, decode steps)
             (2, [2], 4 * W + 3),  # a short prompt, then decode far past the window

@@ -14,8 +14,8 @@ import torch
 from ..attention import attention_mask
 from ..cache import KVCache, kv_cache_bytes
 from ..generate import decode_step, generate
-from ..gpt import GPT, GPTConfig
-from ._common import ExerciseNotDone, call_learner, close, passed
+from ..gpt import GPTConfig
+from ._common import MODEL_STYLES, ExerciseNotDone, call_learner, close, passed, small_model as _model
 
 __all__ = [
     "check_kv_cache_bytes",
@@ -24,23 +24,8 @@ __all__ = [
     "check_chunked_prefill",
 ]
 
-_STYLES = {
-    "gpt2": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4),
-    "modern": dict(vocab_size=61, max_seq_len=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                   norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
-}
 
 
-def _model(style: str, seed: int = 0, **overrides) -> GPT:
-    """A small random model whose weights are scaled up so greedy decoding varies."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(**{**_STYLES[style], **overrides}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    return model.eval()
 
 
 def _prompt(B: int, T: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -93,7 +78,7 @@ def check_kv_cache_bytes(fn) -> None:
         raise AssertionError(f"[{label}] got {got:,} bytes, expected {expected:,}. {hint}")
 
     # And the formula must match what a real cache allocates.
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style)
         cache = model.new_cache(2, max_seq_len=37)
         got = int(call_learner(fn, model.config, 37, 2, 4, name="my_kv_cache_bytes"))
@@ -183,7 +168,7 @@ def check_concat_cache(cache_class) -> None:
         raise AssertionError(f"a new cache must have length 0, got {getattr(probe, 'length', None)!r}")
 
     steps = 40
-    for style in _STYLES:
+    for style in MODEL_STYLES:
         model = _model(style)
         L, V = model.config.n_layers, model.config.vocab_size
         for B, T, seed in [(1, 1, 0), (2, 9, 1)]:

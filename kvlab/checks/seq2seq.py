@@ -69,7 +69,6 @@ def check_cross_attention(fn: Callable) -> None:
     g = torch.Generator().manual_seed(8)
     for q, k, v, pad_mask in _cross_cases(g):
         B, H, T, D = q.shape
-        S = k.size(2)
         where = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, pad_mask {tuple(pad_mask.shape)}"
         got = call_learner(fn, q.clone(), k.clone(), v.clone(), pad_mask.clone(), name="my_cross_attention")
         if isinstance(got, tuple):
