@@ -1,9 +1,10 @@
 # kvlab: set up, build the book, run the tests.
 #
-#   make book    set up .venv (if needed) and build the book into _build/html
-#   make test    set up .venv (if needed) and run the unit tests and every notebook
+#   make book          set up .venv (if needed) and build the book into _build/html
+#   make test          set up .venv (if needed) and run the unit tests and every notebook
+#   make browser-test  open every page of the built book in Chromium and check it
 #
-# Other targets: setup, test-unit, test-notebooks, strip, clean, distclean, help.
+# Other targets: setup, assets, test-unit, test-notebooks, strip, clean, distclean, help.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -49,15 +50,17 @@ endif
 # since, which makes `make setup` install again; otherwise setup does nothing.
 STAMP := $(VENV)/.kvlab-setup-stamp
 
-.PHONY: help setup book test test-unit test-notebooks strip clean distclean
+.PHONY: help setup assets book test test-unit test-notebooks browser-test strip clean distclean
 
 help:
 	@echo "make book       set up .venv and build the book into _build/html"
 	@echo "make test       set up .venv and run the unit tests and every notebook"
+	@echo "make browser-test   check every page of the built book in Chromium (after make book)"
 	@echo "make setup      only create/update .venv ($(TORCH_SPEC) first, then the requirements)"
+	@echo "make assets     npm ci, then stage MathJax and the widget scripts for the book"
 	@echo "make test-unit | test-notebooks   one half of 'make test' (no setup)"
 	@echo "make strip      remove outputs and execution counts from notebooks/*.ipynb"
-	@echo "make clean      remove _build and test caches;  make distclean  also removes .venv"
+	@echo "make clean      remove _build and test caches;  make distclean  also .venv, node_modules"
 
 setup: $(STAMP)
 
@@ -73,12 +76,46 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(PY)
 	  sys.exit(0 if v.split(".")[0] == "1" else f"jupyter-book {v} installed, this book needs 1.x")'
 	@touch $@
 
+# Scripts the pages load in the reader's browser, served from the book itself so that it
+# reads offline and with no CDN: MathJax 3 (all math), RequireJS and the Jupyter widgets
+# embed script (pages with widgets). npm installs them at the versions in package-lock.json
+# (node_modules/ is not committed); they are staged in $(ASSETS), which _config.yml lists in
+# html_static_path, so Sphinx copies them to _build/html/_static/vendor/. Both steps run
+# again only when package.json or package-lock.json changed.
+NPM    ?= npm
+ASSETS := _build/book-assets
+VENDOR := $(ASSETS)/vendor
+ASSETS_STAMP := _build/.book-assets-stamp
+NPM_STAMP    := node_modules/.package-lock.json
+
+assets: $(ASSETS_STAMP)
+
+$(NPM_STAMP): package.json package-lock.json
+	@command -v $(NPM) > /dev/null || { echo "make book needs npm (Node.js 18 or newer) to install MathJax and the widget scripts: see package.json"; exit 1; }
+	$(NPM) ci --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+$(ASSETS_STAMP): $(NPM_STAMP)
+	rm -rf $(VENDOR)
+	mkdir -p $(VENDOR)/mathjax $(VENDOR)/html-manager
+	cp node_modules/requirejs/require.js $(VENDOR)/require.js
+	@# The combined TeX + MathML → CommonHTML component, and what it loads on demand: TeX
+	@# extensions, fonts, the menu and the accessibility tools (with the speech rule engine).
+	cp -R node_modules/mathjax/es5/tex-mml-chtml.js node_modules/mathjax/es5/input \
+	  node_modules/mathjax/es5/output node_modules/mathjax/es5/ui node_modules/mathjax/es5/a11y \
+	  node_modules/mathjax/es5/sre node_modules/mathjax/LICENSE $(VENDOR)/mathjax/
+	@# embed-amd.js loads its icon fonts from its own folder.
+	cp node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js \
+	  node_modules/@jupyter-widgets/html-manager/dist/*.{woff2,woff,ttf,eot,svg} \
+	  $(VENDOR)/html-manager/
+	@touch $@
+
 # --all: a full rebuild every time, so a warning in an unchanged page is reported again
 # instead of being hidden by Sphinx's incremental build. Notebooks are executed on every
 # build anyway (execute_notebooks: force in _config.yml).
 # -W -n --keep-going: every warning and missing reference is reported, then the build
 # exits non-zero.
-book: setup
+book: setup assets
 	$(JB) build . --all -W -n --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
@@ -98,7 +135,7 @@ test: setup
 test-unit:
 	@if ! compgen -G 'tests/test_*.py' > /dev/null; then \
 	  echo "test-unit: no tests/test_*.py yet, skipped"; exit 0; fi; \
-	set -x; $(THREADS) MPLBACKEND=Agg $(PY) -m pytest tests $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS)) $(UNIT_ARGS)
+	set -x; $(THREADS) MPLBACKEND=Agg $(PY) -m pytest tests --ignore=tests/browser $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS)) $(UNIT_ARGS)
 
 test-notebooks:
 	@if ! compgen -G 'notebooks/*.ipynb' > /dev/null; then \
@@ -106,6 +143,20 @@ test-notebooks:
 	set -x; $(THREADS) $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
 	  $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) \
 	  $(NB_ARGS) $(NB_PATHS)
+
+# The built book as a reader sees it (tests/browser): _build/html served on 127.0.0.1 and
+# every page of _toc.yml opened in Chromium through Playwright, with every request that
+# would leave 127.0.0.1 refused. Checks load errors, console errors, images, MathJax,
+# figures, widgets and search; saves screenshots in _build/screenshots/. Run after
+# `make book` (it tests what is in _build/html, and does not rebuild it). Needs a Chromium:
+# Debian's `chromium` package at /usr/bin/chromium, or CHROMIUM=/path/to/chrome. Playwright's
+# own browser download (`playwright install`) is not used.
+CHROMIUM     ?=
+BROWSER_ARGS ?=
+browser-test: setup
+	@test -f _build/html/index.html || { echo "browser-test: no book in _build/html: run 'make book' first"; exit 1; }
+	KVLAB_BROWSER_TEST=required $(if $(CHROMIUM),KVLAB_CHROMIUM=$(CHROMIUM)) \
+	  $(PY) -m pytest tests/browser $(BROWSER_ARGS)
 
 # Notebooks are committed without outputs: the book and the tests execute them anyway
 # (_config.yml), and outputs make diffs unreadable.
@@ -131,4 +182,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info node_modules
