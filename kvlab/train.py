@@ -154,7 +154,10 @@ def precision_for(device: torch.device, requested: str = "auto") -> str:
             raise ValueError("precision='fp16' needs a CUDA device (it uses a gradient scaler)")
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 starts with compute capability 8 (Ampere). torch.cuda.is_bf16_supported()
+        # also counts slow emulation, which would put a T4 (7.5) on bf16.
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
     return "fp32"
 
 

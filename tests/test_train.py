@@ -218,3 +218,10 @@ def test_export_and_load_round_trip(tmp_path):
                                                           "tokenizer.json"]
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         load_shakespeare(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_follows_native_bf16(monkeypatch, capability, expected):
+    # A T4 (7.5) emulates bf16 slowly: it must get fp16 with a gradient scaler.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision_for(torch.device("cuda")) == expected
