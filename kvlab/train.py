@@ -88,6 +88,15 @@ TRAIN_PRESETS: dict[str, tuple[dict, dict]] = {
         dict(batch_size=32, block_size=192, max_steps=4000, lr=2e-3, min_lr=2e-4, warmup_steps=200,
              eval_interval=250, eval_batches=40, checkpoint_interval=250),
     ),
+    # What the shipped model (data/shakespeare) was trained with, sized for a 2-core CPU: wide and
+    # shallow (small matrices run inefficiently on a CPU), RoPE with a window so it can generate
+    # past its training length through a sliding-window cache.
+    "shakespeare-cpu": (
+        dict(vocab_size=65, max_seq_len=128, d_model=256, n_layers=4, n_heads=4, pos="rope", window=128,
+             dropout=0.1),
+        dict(batch_size=32, block_size=128, max_steps=5500, lr=2e-3, min_lr=2e-4, warmup_steps=200,
+             eval_interval=250, eval_batches=20, checkpoint_interval=500),
+    ),
     "quick": (
         dict(vocab_size=65, max_seq_len=64, d_model=64, n_layers=2, n_heads=4),
         dict(batch_size=16, block_size=64, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
