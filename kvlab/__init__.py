@@ -9,7 +9,7 @@ from .cache import KVCache, kv_cache_bytes
 from .device import describe_device, pick_device, seed_everything, synchronize
 from .generate import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
-from .pretrained import from_hf_gpt2, load_gpt2, to_hf_gpt2_state_dict
+from .pretrained import from_hf_gpt2, load_gpt2, load_shakespeare, to_hf_gpt2_state_dict
 from .sampling import logits_to_probs
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
                       greedy_decode)

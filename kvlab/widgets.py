@@ -139,7 +139,9 @@ class SamplingExplorer:
             return self.text
         gen = torch.Generator().manual_seed(int(self.seed.value))
         ids = self._ids()
-        n = min(int(self.max_new_tokens.value), self.model.config.max_seq_len - ids.size(1))
+        n = int(self.max_new_tokens.value)
+        if not self.model.can_slide:  # a RoPE model with a window generates past max_seq_len
+            n = min(n, self.model.config.max_seq_len - ids.size(1))
         if n < 1:
             self.status.value = "<span style='color:#b00'>the prompt fills the model's context</span>"
             return self.text
