@@ -134,6 +134,45 @@ class GPT(nn.Module):
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
 
+    # -- weight layout -----------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "GPT":
+        super().train(mode)
+        self._arrange_weights()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # .to(), .float(), .cuda(), ... then pick the layout again
+        self._arrange_weights()
+        return self
+
+    @property
+    def decode_layout(self) -> bool:
+        """True when the matrices are stored input-major for fast decoding (see `_arrange_weights`)."""
+        return not self.training and self.device.type == "cpu" and self.dtype == torch.float32
+
+    @torch.no_grad()
+    def _arrange_weights(self) -> None:
+        """Store each weight matrix the way this mode multiplies it fastest: same values, same shapes.
+
+        A decode step multiplies one row of activations per sequence by every weight matrix, so
+        its speed is how fast the weights stream from memory. In float32 on a CPU, the BLAS
+        kernel for x @ W reads a matrix stored input-major, (in, out) in memory, 25-30% faster
+        than nn.Linear's (out, in) rows (chapter 5 measures both). So in eval mode on a CPU in
+        float32 each Linear weight becomes a transposed view of an (in, out) buffer; in training
+        mode, on a GPU and in bfloat16 (whose CPU kernel prefers (out, in)) it is contiguous as
+        usual. Switching copies every matrix once; tied weights are shared, so moved once.
+        """
+        input_major = self.decode_layout
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight
+                is_input_major = w.dim() == 2 and w.stride() == (1, w.size(0))
+                if input_major and not is_input_major:
+                    w.data = w.data.t().contiguous().t()
+                elif not input_major and not w.is_contiguous():
+                    w.data = w.data.contiguous()
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
