@@ -30,7 +30,8 @@ from .device import describe_device, synchronize
 from .generate import decode_step, next_token, prefill
 from .gpt import GPT, GPTConfig
 
-__all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "main"]
+__all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
+           "main"]
 
 
 @dataclass
@@ -177,6 +178,44 @@ def summarize(runs: list[GenerationTiming]) -> dict:
     }
 
 
+@torch.inference_mode()
+def precision_cost(model: GPT, idx: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """What running `model` in `dtype` instead of float32 costs, measured on token windows `idx` (B, T).
+
+    Both copies read the same text (teacher forcing) and predict every next token. Returns the
+    loss of each (nats per token), the mean KL divergence of the `dtype` model's distribution
+    from the float32 one (nats), how often their top-1 predictions agree, and how many greedy
+    tokens they generate identically from the first 8 tokens of each row. `model` itself is
+    left as it was. Built in chapter 5.
+    """
+    import copy
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    model.check_inputs(idx)
+    if idx.size(1) < 9:
+        raise ValueError(f"idx must have at least 9 tokens per row (8 prompt + targets), got {idx.size(1)}")
+    reference = copy.deepcopy(model).float().eval()
+    low = copy.deepcopy(model).to(dtype).eval()
+    x, y = idx[:, :-1], idx[:, 1:]
+    logp_ref = torch.log_softmax(reference(x).float(), dim=-1)
+    logp_low = torch.log_softmax(low(x).float(), dim=-1)
+    loss_ref = -logp_ref.gather(-1, y[..., None]).mean().item()
+    loss_low = -logp_low.gather(-1, y[..., None]).mean().item()
+    kl = (logp_ref.exp() * (logp_ref - logp_low)).sum(-1).mean().item()
+    agree = (logp_ref.argmax(-1) == logp_low.argmax(-1)).float().mean().item()
+    from .generate import generate
+
+    n = min(64, reference.config.max_seq_len - 8)
+    greedy_ref = generate(reference, idx[:, :8], n, temperature=0)[:, 8:]
+    greedy_low = generate(low, idx[:, :8], n, temperature=0)[:, 8:]
+    differs = (greedy_ref != greedy_low).int()
+    first_diff = torch.where(differs.any(1), differs.argmax(1), torch.full_like(differs[:, 0], n))
+    return {"dtype": str(dtype).removeprefix("torch."), "loss_float32": loss_ref, "loss": loss_low,
+            "loss_increase": loss_low - loss_ref, "kl_nats": kl, "top1_agreement": agree,
+            "greedy_tokens_identical": first_diff.tolist(), "greedy_tokens_generated": n}
+
+
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),
           repeats: int = 3, warmup: int = 1, hf_model=None, seed: int = 0, progress=print) -> dict:
     """Run every combination, `warmup` untimed runs first, `repeats` timed; results as a dict for JSON.
@@ -209,8 +248,13 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
                                  f"TTFT {summary['ttft_s']['median'] * 1e3:8.1f} ms  "
                                  f"TPOT {summary['tpot_s']['median'] * 1e3:7.2f} ms  "
                                  f"{summary['throughput_tok_s']['median']:8.1f} tok/s")
-                    if "hf" in tokens and not torch.equal(tokens["hf"].cpu(), tokens["kvlab"].cpu()):
-                        raise AssertionError(f"kvlab and Hugging Face generated different tokens at B={B}, T={T}")
+                    if "hf" in tokens:
+                        same = (tokens["hf"].cpu() == tokens["kvlab"].cpu())[:, T:].float().mean().item()
+                        results[-1]["tokens_equal_to_kvlab"] = same
+                        # In float32 the two must agree exactly; in 16-bit formats they round
+                        # differently, and a near-tie can flip a greedy choice, so that is recorded.
+                        if model.dtype == torch.float32 and same != 1.0:
+                            raise AssertionError(f"kvlab and Hugging Face generated different tokens at B={B}, T={T}")
     c = model.config
     return {
         "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -242,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens. Greedy decoding, random weights of the chosen shape (speed does not depend on "
                     "the values). Results go to a JSON file; --plot also draws them.")
     parser.add_argument("--model", default="gpt2", help="a GPTConfig preset (default: gpt2, the 124M shape)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="override the preset's context length (e.g. 1056 for a 32-token prompt + 1024 new "
+                             "tokens on the GPT-2 shape; a longer position table costs no time)")
     parser.add_argument("--batch-sizes", type=ints, default=[1], help="comma-separated, e.g. 1,8 (default 1)")
     parser.add_argument("--prompt-lens", type=ints, default=[32], help="comma-separated (default 32)")
     parser.add_argument("--new-tokens", type=ints, default=[128], help="comma-separated (default 128)")
@@ -262,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        config = GPTConfig.from_preset(args.model)
+        overrides = {} if args.max_seq_len is None else {"max_seq_len": args.max_seq_len}
+        config = GPTConfig.from_preset(args.model, **overrides)
     except ValueError as err:
         parser.error(str(err))
     device = pick_device(args.device)
@@ -283,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
     result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
                    use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model)
+    if hf_model is not None:
+        import transformers
+
+        result["transformers"] = transformers.__version__
     result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
