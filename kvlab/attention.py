@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 __all__ = [
     "causal_mask",
     "attention_mask",
@@ -151,7 +153,7 @@ class _AttentionBase(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.out = Linear(d_model, d_model, bias=bias)
 
     def _finish(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, return_weights: bool
@@ -188,7 +190,7 @@ class SelfAttention(_AttentionBase):
     ):
         super().__init__(d_model, n_heads, n_kv_heads, bias, dropout)
         kv_dim = self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=bias)
+        self.qkv = Linear(d_model, d_model + 2 * kv_dim, bias=bias)
 
     def forward(
         self,
@@ -234,8 +236,8 @@ class CrossAttention(_AttentionBase):
     ):
         super().__init__(d_model, n_heads, n_kv_heads, bias, dropout)
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q = nn.Linear(d_model, d_model, bias=bias)
-        self.kv = nn.Linear(d_model, 2 * kv_dim, bias=bias)
+        self.q = Linear(d_model, d_model, bias=bias)
+        self.kv = Linear(d_model, 2 * kv_dim, bias=bias)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory: (B, S, C) -> keys and values, each (B, Hkv, S, D)."""

@@ -31,7 +31,7 @@ from .generate import decode_step, next_token, prefill
 from .gpt import GPT, GPTConfig
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
-           "main"]
+           "cache_memory", "load_recorded", "main"]
 
 
 @dataclass
@@ -214,6 +214,49 @@ def precision_cost(model: GPT, idx: torch.Tensor, dtype: torch.dtype = torch.bfl
     return {"dtype": str(dtype).removeprefix("torch."), "loss_float32": loss_ref, "loss": loss_low,
             "loss_increase": loss_low - loss_ref, "kl_nats": kl, "top1_agreement": agree,
             "greedy_tokens_identical": first_diff.tolist(), "greedy_tokens_generated": n}
+
+
+def cache_memory(model: GPT, batch_size: int, tokens: int, kind: str = "static", window: int | None = None) -> int:
+    """Measured bytes of a KV cache after a prefill of `tokens` random tokens for `batch_size` sequences.
+
+    On CUDA: the allocator's growth from before the cache was made to after the prefill (its
+    activations freed). Elsewhere (CPU, MPS): the bytes of every tensor the cache's layers
+    hold, counted once per storage. Compare with `kv_cache_bytes`. Built in chapter 5.
+    """
+    if tokens < 1 or batch_size < 1:
+        raise ValueError(f"tokens and batch_size must be >= 1, got tokens={tokens}, batch_size={batch_size}")
+    device = model.device
+    idx = torch.randint(0, model.config.vocab_size, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    cache = model.new_cache(batch_size, max_seq_len=tokens) if kind == "static" else \
+        model.new_cache(batch_size, kind=kind, window=window)
+    with torch.inference_mode():
+        logits = prefill(model, idx.to(device), cache)
+    del logits
+    synchronize(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device) - before)
+    storages = {}
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+RECORDED_DIR = Path(__file__).resolve().parent.parent / "data" / "bench"
+
+
+def load_recorded(name: str) -> dict:
+    """A benchmark record the course committed in `data/bench` (e.g. "cpu_fp32_vs_hf"); see its README."""
+    path = RECORDED_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECORDED_DIR.glob("*.json")) if RECORDED_DIR.is_dir() else []
+        raise FileNotFoundError(f"no recorded benchmark {name!r} in {RECORDED_DIR} (have: {', '.join(known) or 'none'}); "
+                                "the records ship in the course repository: install kvlab from a clone")
+    return json.loads(path.read_text())
 
 
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),

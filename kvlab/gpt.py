@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .attention import attention_mask
 from .cache import KVCache
 from .layers import Block, make_norm, rope_cos_sin
+from .linear import Linear, onednn_linear_available
 
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
@@ -115,6 +116,7 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = c = config
+        self._fast_path_allowed = True  # see set_cpu_fast_path
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.pos == "learned" else None
         self.drop = nn.Dropout(c.dropout)
@@ -124,7 +126,7 @@ class GPT(nn.Module):
             for _ in range(c.n_layers)
         )
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -134,7 +136,7 @@ class GPT(nn.Module):
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
 
-    # -- weight layout -----------------------------------------------------------------------
+    # -- the CPU inference fast path ---------------------------------------------------------
 
     def train(self, mode: bool = True) -> "GPT":
         super().train(mode)
@@ -142,36 +144,55 @@ class GPT(nn.Module):
         return self
 
     def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)  # .to(), .float(), .cuda(), ... then pick the layout again
+        super()._apply(fn, recurse)  # .to(), .float(), .cuda(), ... then decide again
+        self._arrange_weights()
+        return self
+
+    def set_cpu_fast_path(self, enabled: bool = True) -> "GPT":
+        """Allow (the default) or forbid the CPU inference fast path; returns the model.
+
+        The fast path is on when the model is in eval mode, on a CPU, in float32, and allowed.
+        Every `Linear` weight is then stored input-major and multiplied with oneDNN's kernel
+        (`kvlab.linear`); the values, shapes and state dict do not change. Chapter 5 measures
+        the path against plain `nn.Linear` (MKL, (out, in) rows): turn it off to do the same.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self._fast_path_allowed = enabled
         self._arrange_weights()
         return self
 
     @property
-    def decode_layout(self) -> bool:
-        """True when the matrices are stored input-major for fast decoding (see `_arrange_weights`)."""
-        return not self.training and self.device.type == "cpu" and self.dtype == torch.float32
+    def cpu_fast_path(self) -> bool:
+        """True when the CPU inference fast path is active (see `set_cpu_fast_path`)."""
+        return (self._fast_path_allowed and not self.training and self.device.type == "cpu"
+                and self.dtype == torch.float32)
 
     @torch.no_grad()
     def _arrange_weights(self) -> None:
-        """Store each weight matrix the way this mode multiplies it fastest: same values, same shapes.
+        """Store and multiply each weight matrix the way this mode runs fastest: same values, same shapes.
 
         A decode step multiplies one row of activations per sequence by every weight matrix, so
-        its speed is how fast the weights stream from memory. In float32 on a CPU, the BLAS
-        kernel for x @ W reads a matrix stored input-major, (in, out) in memory, 25-30% faster
-        than nn.Linear's (out, in) rows (chapter 5 measures both). So in eval mode on a CPU in
-        float32 each Linear weight becomes a transposed view of an (in, out) buffer; in training
-        mode, on a GPU and in bfloat16 (whose CPU kernel prefers (out, in)) it is contiguous as
-        usual. Switching copies every matrix once; tied weights are shared, so moved once.
+        its speed is how fast the weights stream from memory. In float32 on a CPU, a matrix
+        stored input-major, (in, out) in memory, streams faster for that than nn.Linear's
+        (out, in) rows, and oneDNN's kernel is faster than the BLAS one PyTorch calls by default
+        (chapter 5 measures both). So with the fast path on, each Linear weight becomes a
+        transposed view of an (in, out) buffer and its layer computes with oneDNN; otherwise (in
+        training, on a GPU, in bfloat16, or when forbidden) weights are contiguous as usual.
+        Switching copies every matrix once; tied weights are shared, so moved once.
         """
-        input_major = self.decode_layout
+        fast = self.cpu_fast_path
+        onednn = fast and onednn_linear_available()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight
                 is_input_major = w.dim() == 2 and w.stride() == (1, w.size(0))
-                if input_major and not is_input_major:
+                if fast and not is_input_major:
                     w.data = w.data.t().contiguous().t()
-                elif not input_major and not w.is_contiguous():
+                elif not fast and not w.is_contiguous():
                     w.data = w.data.contiguous()
+                if isinstance(module, Linear):
+                    module.onednn = onednn
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from .attention import CrossAttention, SelfAttention, attention_mask
 from .cache import KVCache
 from .data import Seq2SeqVocab, seq2seq_batch
 from .layers import Block, make_mlp, make_norm, sinusoidal_positions
+from .linear import Linear
 
 __all__ = [
     "Seq2SeqConfig",
@@ -220,7 +221,7 @@ class Seq2SeqTransformer(nn.Module):
         self.enc_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.n_layers))
         self.dec_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         for m in self.modules():

@@ -22,4 +22,5 @@ from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_m
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
 from .training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups  # noqa: F401
+from .measuring import check_decode_bytes, check_kl_divergence, check_time_steps  # noqa: F401
 from .sampling import check_min_p_filter, check_top_p_filter, check_top_prob_at_temperature  # noqa: F401
