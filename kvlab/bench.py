@@ -303,6 +303,7 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
         "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "model": c.to_dict(), "parameters": model.num_params(),
+        "cpu_fast_path": model.cpu_fast_path,
         "results": results,
     }
 
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--no-cpu-fast-path", action="store_true",
+                        help="run kvlab's linear layers as plain nn.Linear (PyTorch's default CPU kernel, (out, in) "
+                             "weights) instead of its CPU inference fast path, to measure what the path gains")
     parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
     parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
     args = parser.parse_args(argv)
@@ -359,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = GPT(config).to(device=device, dtype=dtype).eval()
+    model = GPT(config).to(device=device, dtype=dtype).eval().set_cpu_fast_path(not args.no_cpu_fast_path)
     hf_model = None
     if args.hf:
         from transformers import GPT2Config, GPT2LMHeadModel
