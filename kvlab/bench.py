@@ -246,16 +246,24 @@ def cache_memory(model: GPT, batch_size: int, tokens: int, kind: str = "static",
     return sum(storages.values())
 
 
-RECORDED_DIR = Path(__file__).resolve().parent.parent / "data" / "bench"
-
-
 def load_recorded(name: str) -> dict:
-    """A benchmark record the course committed in `data/bench` (e.g. "cpu_fp32_vs_hf"); see its README."""
-    path = RECORDED_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in RECORDED_DIR.glob("*.json")) if RECORDED_DIR.is_dir() else []
-        raise FileNotFoundError(f"no recorded benchmark {name!r} in {RECORDED_DIR} (have: {', '.join(known) or 'none'}); "
-                                "the records ship in the course repository: install kvlab from a clone")
+    """A benchmark record the course committed in `data/bench` (e.g. "cpu_fp32_vs_hf"); see its README.
+
+    From an installed kvlab (as on Colab) the file is downloaded once from the course
+    repository and verified (`kvlab.data.repo_file`). Built in chapter 5.
+    """
+    from .data import repo_file
+
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a record's name such as 'cpu_fp32_vs_hf', got {name!r}")
+    try:
+        path = repo_file(f"data/bench/{name}.json")
+    except FileNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        folder = Path(__file__).resolve().parent.parent / "data" / "bench"
+        known = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        raise FileNotFoundError(f"no recorded benchmark {name!r} (the course has: {', '.join(known) or 'see data/bench'})")
     return json.loads(path.read_text())
 
 

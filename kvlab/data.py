@@ -142,6 +142,81 @@ def shakespeare_path(
     return download_shakespeare(cached)
 
 
+# --------------------------------------------------------------------------- files the repository ships
+
+REPO_RAW_URL = "https://raw.githubusercontent.com/kvlab-course/kvlab/main"  # the course repository, as files
+REPO_MANIFEST = pathlib.Path(__file__).resolve().parent / "repo_files.json"
+SHIPPED_DIRS = ("data/shakespeare", "data/bench")  # what the manifest covers (all but .md files)
+
+
+def checkout_root() -> pathlib.Path | None:
+    """The course repository kvlab runs from, or None for an installed copy (e.g. on Colab)."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    return repo if (repo / "_toc.yml").is_file() and (repo / "data").is_dir() else None
+
+
+def write_repo_manifest() -> pathlib.Path:
+    """Record the sha256 and size of every file under `SHIPPED_DIRS` (run from a checkout)."""
+    import json
+
+    root = checkout_root()
+    if root is None:
+        raise RuntimeError("write_repo_manifest runs from a checkout of the course repository")
+    files = {}
+    for folder in SHIPPED_DIRS:
+        for path in sorted((root / folder).iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.suffix != ".md":  # docs may change freely
+                data = path.read_bytes()
+                files[path.relative_to(root).as_posix()] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+    REPO_MANIFEST.write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
+    return REPO_MANIFEST
+
+
+def repo_file(relpath: str, *, download: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
+    """A file the course repository ships under `data/` (the Shakespeare model, benchmark records).
+
+    From a checkout, the file itself. From an installed kvlab, which has no `data/` (a pip
+    install from git, as on Colab), a copy downloaded once from the repository into
+    `~/.cache/kvlab/repo/` and checked against the sha256 and size kvlab's manifest records
+    for it, so a changed or partial file is an error. Built in chapter 5.
+    """
+    import json
+
+    root = checkout_root()
+    if root is not None:
+        return root / relpath
+    manifest = json.loads(REPO_MANIFEST.read_text())
+    if relpath not in manifest:
+        raise FileNotFoundError(f"{relpath} is not a file the course repository ships (see {REPO_MANIFEST.name})")
+    expected = manifest[relpath]
+    dest = pathlib.Path.home() / ".cache" / "kvlab" / "repo" / relpath
+    if dest.is_file() and sha256_bytes(dest.read_bytes()) == expected["sha256"]:
+        return dest
+    if not download:
+        raise FileNotFoundError(f"{relpath} is not at {dest} and download=False")
+    url = f"{REPO_RAW_URL}/{relpath}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except urllib.error.URLError as e:
+        raise OSError(f"could not download {relpath} from {url}: {e.reason}. Offline, work from a clone of "
+                      "the course repository (pip install -e .)") from e
+    if len(data) != expected["bytes"] or sha256_bytes(data) != expected["sha256"]:
+        raise ValueError(f"the download of {relpath} from {url} does not match kvlab's manifest: "
+                         f"expected {expected['bytes']:,} bytes with sha256 {expected['sha256']}, got "
+                         f"{len(data):,} bytes with sha256 {sha256_bytes(data)}; update kvlab")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
 def load_shakespeare_text(
     path: PathLike | None = None,
     *,
@@ -383,6 +458,7 @@ __all__ = [
     "default_cache_dir",
     "download_shakespeare",
     "get_batch",
+    "repo_file",
     "load_shakespeare_text",
     "pad_sequences",
     "seq2seq_batch",

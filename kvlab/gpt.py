@@ -105,6 +105,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The CPU fast path (GPT.set_cpu_fast_path) applies to weight matrices of at least this many
+# numbers: on the course's benchmark CPU oneDNN beat the default kernel from about 512 x 1536
+# for one token at a time, and lost below it to its fixed cost per call.
+FAST_PATH_MIN_WEIGHT_ELEMENTS = 2**19
+
+
 class GPT(nn.Module):
     """A decoder-only transformer language model: token ids (B, T) -> next-token logits (B, T, V).
 
@@ -152,8 +158,9 @@ class GPT(nn.Module):
         """Allow (the default) or forbid the CPU inference fast path; returns the model.
 
         The fast path is on when the model is in eval mode, on a CPU, in float32, and allowed.
-        Every `Linear` weight is then stored input-major and multiplied with oneDNN's kernel
-        (`kvlab.linear`); the values, shapes and state dict do not change. Chapter 5 measures
+        Every large `Linear` weight (`FAST_PATH_MIN_WEIGHT_ELEMENTS` numbers or more) is then
+        stored input-major and multiplied with oneDNN's kernel (`kvlab.linear`); the values,
+        shapes and state dict do not change. Chapter 5 measures
         the path against plain `nn.Linear` (MKL, (out, in) rows): turn it off to do the same.
         """
         if not isinstance(enabled, bool):
@@ -176,23 +183,26 @@ class GPT(nn.Module):
         its speed is how fast the weights stream from memory. In float32 on a CPU, a matrix
         stored input-major, (in, out) in memory, streams faster for that than nn.Linear's
         (out, in) rows, and oneDNN's kernel is faster than the BLAS one PyTorch calls by default
-        (chapter 5 measures both). So with the fast path on, each Linear weight becomes a
+        (chapter 5 measures both). So with the fast path on, each large Linear weight becomes a
         transposed view of an (in, out) buffer and its layer computes with oneDNN; otherwise (in
         training, on a GPU, in bfloat16, or when forbidden) weights are contiguous as usual.
         Switching copies every matrix once; tied weights are shared, so moved once.
         """
         fast = self.cpu_fast_path
-        onednn = fast and onednn_linear_available()
+        onednn = onednn_linear_available()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight
+                # oneDNN costs about 15 us more per call than the default kernel, which only
+                # large matrices earn back; a small one stays as nn.Linear has it (chapter 5).
+                input_major = fast and w.numel() >= FAST_PATH_MIN_WEIGHT_ELEMENTS
                 is_input_major = w.dim() == 2 and w.stride() == (1, w.size(0))
-                if fast and not is_input_major:
+                if input_major and not is_input_major:
                     w.data = w.data.t().contiguous().t()
-                elif not fast and not w.is_contiguous():
+                elif not input_major and not w.is_contiguous():
                     w.data = w.data.contiguous()
                 if isinstance(module, Linear):
-                    module.onednn = onednn
+                    module.onednn = input_major and onednn
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

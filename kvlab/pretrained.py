@@ -188,10 +188,18 @@ SHAKESPEARE_MODEL_DIR = "data/shakespeare"  # relative to the repository root
 
 
 def shakespeare_model_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where the shipped Shakespeare model lives: `path`, or `data/shakespeare` in this checkout."""
+    """Where the shipped Shakespeare model lives: `path`, `data/shakespeare` in a checkout, or, for
+    an installed kvlab (as on Colab), a verified copy downloaded once from the course repository."""
+    from .data import checkout_root, repo_file
+
     if path is not None:
         return Path(path)
-    return Path(__file__).resolve().parent.parent / SHAKESPEARE_MODEL_DIR
+    root = checkout_root()
+    if root is not None:
+        return root / SHAKESPEARE_MODEL_DIR
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "record.json"):
+        folder = repo_file(f"{SHAKESPEARE_MODEL_DIR}/{name}").parent
+    return folder
 
 
 def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.device | str | None = None):

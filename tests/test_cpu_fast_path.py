@@ -10,8 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvlab
+from kvlab.gpt import FAST_PATH_MIN_WEIGHT_ELEMENTS
 from kvlab.linear import Linear, onednn_linear_available
-from conftest import STYLES, make_model
+from conftest import STYLES
+from conftest import make_model as make_small_model
+
+
+def make_model(style, seed=0):
+    """A model whose blocks hold matrices above and below the fast path's size threshold."""
+    return make_small_model(style, seed, d_model=512, n_heads=8, n_layers=1)
+
+
+def big(module):
+    return module.weight.numel() >= FAST_PATH_MIN_WEIGHT_ELEMENTS
 
 
 def linears(model):
@@ -58,8 +69,10 @@ def test_eval_on_cpu_float32_is_the_fast_path_and_train_is_not(style):
     assert all(m.weight.is_contiguous() and not getattr(m, "onednn", False) for m in linears(model))
     model.eval()
     assert model.cpu_fast_path
-    assert all(is_input_major(m.weight) and not m.weight.is_contiguous() for m in linears(model))
-    assert all(m.onednn == onednn_linear_available() for m in linears(model))
+    assert any(big(m) for m in linears(model)) and not all(big(m) for m in linears(model))
+    for m in linears(model):  # large matrices go input-major and to oneDNN; small ones stay as they were
+        assert is_input_major(m.weight) == big(m) and m.weight.is_contiguous() != big(m)
+        assert m.onednn == (big(m) and onednn_linear_available())
     model.train()
     assert all(m.weight.is_contiguous() and not m.onednn for m in linears(model))
 
@@ -85,12 +98,12 @@ def test_fast_path_changes_no_value_and_keeps_ties(style):
 
 def test_bfloat16_and_moves_decide_again():
     model = make_model("gpt2").eval()
-    assert model.cpu_fast_path
+    assert model.cpu_fast_path and any(is_input_major(m.weight) for m in linears(model))
     model.to(torch.bfloat16)
     assert not model.cpu_fast_path
     assert all(m.weight.is_contiguous() and not m.onednn for m in linears(model))
     model.float()
-    assert model.cpu_fast_path and all(is_input_major(m.weight) for m in linears(model))
+    assert model.cpu_fast_path and all(is_input_major(m.weight) == big(m) for m in linears(model))
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -103,6 +116,12 @@ def test_cached_generation_gives_the_same_tokens_either_way(style, kind):
                            cache=model.new_cache(3, kind=kind))
     naive = kvlab.generate_naive(model.set_cpu_fast_path(True), idx, 40, temperature=0)
     assert torch.equal(fast, plain) and torch.equal(fast, naive)
+
+
+def test_small_models_are_left_alone():
+    model = make_small_model("gpt2").eval()  # d_model 32: every matrix is far below the threshold
+    assert model.cpu_fast_path
+    assert all(m.weight.is_contiguous() and not m.onednn for m in linears(model))
 
 
 def test_bad_switch():
