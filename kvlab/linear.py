@@ -4,8 +4,8 @@ Shape legend: C_in input features, C_out output features; any leading dimensions
 
 PyTorch sends a float32 matrix product on a CPU to its BLAS library (MKL on x86 builds). On
 the machine the course's benchmarks were recorded on, an AMD EPYC, the oneDNN library's kernels
-(the ones PyTorch already uses for bfloat16 on a CPU, and `torch.compile` for float32) compute
-the same products in float32 about 1.5x as fast for a decode step's matrix-vector products and
+(the ones PyTorch already uses for bfloat16 on a CPU) compute the same products in float32
+about 1.5x as fast for a decode step's matrix-vector products and
 about 2x for a prefill's matrix-matrix ones. `Linear` is `nn.Linear` with a per-layer switch,
 `onednn`, that `kvlab.GPT` turns on for inference on a CPU in float32. Parameters, state dicts
 and results (equal to float32 rounding) are those of `nn.Linear`. Built in chapter 5.
@@ -23,7 +23,7 @@ __all__ = ["Linear", "onednn_linear_available"]
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    # oneDNN's linear, the kernel Inductor emits for CPU linear layers: no activation fused.
+    # oneDNN's linear kernel (PyTorch's mkldnn operators), with no activation fused ("none").
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
