@@ -79,6 +79,21 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "kvlab" / "tinyshakespeare"
 
 
+def _write_atomically(dest: pathlib.Path, data: bytes) -> pathlib.Path:
+    """Write `data` to a temporary file beside `dest`, then move it into place with os.replace:
+    readers see the old file or the whole new one, and a failure leaves nothing behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
 def download_shakespeare(
     dest: PathLike, *, url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S
 ) -> pathlib.Path:
@@ -97,16 +112,7 @@ def download_shakespeare(
             f"fetch the file elsewhere and pass path= or set ${SHAKESPEARE_ENV_VAR}"
         ) from e
     _check_shakespeare_bytes(data, f"the download from {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return dest
+    return _write_atomically(dest, data)
 
 
 def shakespeare_path(
@@ -205,16 +211,7 @@ def repo_file(relpath: str, *, download: bool = True, timeout: float = DOWNLOAD_
         raise ValueError(f"the download of {relpath} from {url} does not match kvlab's manifest: "
                          f"expected {expected['bytes']:,} bytes with sha256 {expected['sha256']}, got "
                          f"{len(data):,} bytes with sha256 {sha256_bytes(data)}; update kvlab")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return dest
+    return _write_atomically(dest, data)
 
 
 def load_shakespeare_text(

@@ -29,6 +29,27 @@ from .linear import Linear, onednn_linear_available
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
 
+def check_shape_fields(config, positions: tuple[str, ...]) -> None:
+    """Validate the fields a GPT and a seq2seq config share, filling in `n_kv_heads`.
+
+    Sizes are positive ints, `d_model` splits into `n_heads` heads, `n_kv_heads` divides
+    `n_heads`, and `norm`, `mlp` and `pos` (one of `positions`) name known kinds.
+    """
+    for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if config.d_model % config.n_heads:
+        raise ValueError(f"d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
+    if config.n_kv_heads is None:
+        config.n_kv_heads = config.n_heads
+    if not 1 <= config.n_kv_heads <= config.n_heads or config.n_heads % config.n_kv_heads:
+        raise ValueError(f"n_kv_heads={config.n_kv_heads} must divide n_heads={config.n_heads}")
+    for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")), ("pos", positions)):
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+
+
 @dataclass
 class GPTConfig:
     """Everything that fixes a GPT's shape. Derived fields are filled in `__post_init__`."""
@@ -52,20 +73,7 @@ class GPTConfig:
     head_dim: int = dataclasses.field(init=False)  # derived: d_model // n_heads
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if not 1 <= self.n_kv_heads <= self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                              ("pos", ("learned", "rope"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_shape_fields(self, positions=("learned", "rope"))
         self.head_dim = self.d_model // self.n_heads
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_heads={self.head_dim}")

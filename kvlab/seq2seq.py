@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .attention import CrossAttention, SelfAttention, attention_mask
 from .cache import KVCache
 from .data import Seq2SeqVocab, seq2seq_batch
+from .gpt import check_shape_fields
 from .layers import Block, make_mlp, make_norm, sinusoidal_positions
 from .linear import Linear
 
@@ -70,20 +71,7 @@ class Seq2SeqConfig:
     head_dim: int = dataclasses.field(init=False)  # derived: d_model // n_heads
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if not 1 <= self.n_kv_heads <= self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                              ("pos", ("sinusoidal", "learned"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_shape_fields(self, positions=("sinusoidal", "learned"))
         if self.pos == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
