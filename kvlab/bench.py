@@ -336,7 +336,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Time generation with and without the KV cache: time to first token (prefill), time per "
                     "output token, throughput and peak memory, swept over batch size, prompt length and new "
                     "tokens. Greedy decoding, random weights of the chosen shape (speed does not depend on "
-                    "the values). Results go to a JSON file; --plot also draws them.")
+                    "the values). Results go to a JSON file; --plot also draws them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""sweeps: every combination of --batch-sizes x --prompt-lens x --new-tokens x cached/uncached is
+run (--warmup untimed runs, then --repeats timed ones; medians with min and max are reported).
+
+examples:
+  python -m kvlab.bench --batch-sizes 1,8 --hf                      kvlab vs Hugging Face, same weights
+  python -m kvlab.bench --prompt-lens 32,128,512 --new-tokens 32 --cache on
+                                                                    time to first token vs prompt length
+  python -m kvlab.bench --new-tokens 1024 --max-seq-len 1056 --cache on
+                                                                    a 1024-token per-token trace
+  python -m kvlab.bench --dtype bfloat16 --hf                       the 16-bit path
+  python -m kvlab.bench --no-cpu-fast-path                          plain nn.Linear on a CPU
+  python -m kvlab.bench --device cuda --batch-sizes 1,8,32          on a GPU
+chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     parser.add_argument("--model", default="gpt2", help="a GPTConfig preset (default: gpt2, the 124M shape)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="override the preset's context length (e.g. 1056 for a 32-token prompt + 1024 new "

@@ -165,7 +165,8 @@ class GPT(nn.Module):
     def set_cpu_fast_path(self, enabled: bool = True) -> "GPT":
         """Allow (the default) or forbid the CPU inference fast path; returns the model.
 
-        The fast path is on when the model is in eval mode, on a CPU, in float32, and allowed.
+        The fast path is on when the model is in eval mode, on an x86 CPU with oneDNN (see
+        `kvlab.linear.onednn_linear_available`), in float32, and allowed.
         Every large `Linear` weight (`FAST_PATH_MIN_WEIGHT_ELEMENTS` numbers or more) is then
         stored input-major and multiplied with oneDNN's kernel (`kvlab.linear`); the values,
         shapes and state dict do not change. Chapter 5 measures
@@ -181,7 +182,7 @@ class GPT(nn.Module):
     def cpu_fast_path(self) -> bool:
         """True when the CPU inference fast path is active (see `set_cpu_fast_path`)."""
         return (self._fast_path_allowed and not self.training and self.device.type == "cpu"
-                and self.dtype == torch.float32)
+                and self.dtype == torch.float32 and onednn_linear_available())
 
     @torch.no_grad()
     def _arrange_weights(self) -> None:
@@ -197,7 +198,6 @@ class GPT(nn.Module):
         Switching copies every matrix once; tied weights are shared, so moved once.
         """
         fast = self.cpu_fast_path
-        onednn = onednn_linear_available()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight
@@ -210,7 +210,7 @@ class GPT(nn.Module):
                 elif not input_major and not w.is_contiguous():
                     w.data = w.data.contiguous()
                 if isinstance(module, Linear):
-                    module.onednn = input_major and onednn
+                    module.onednn = input_major
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

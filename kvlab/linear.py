@@ -29,11 +29,16 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """True when this PyTorch build has oneDNN's CPU linear kernel and it agrees with F.linear.
+    """True on an x86 CPU whose PyTorch build has oneDNN's linear kernel, agreeing with F.linear.
 
     Checked once per process on a small product, in both weight layouts, so a build without the
     kernel (or with a broken one) quietly keeps `F.linear`.
     """
+    import platform
+
+    # Measured faster only on x86 processors; elsewhere (Arm, Apple Silicon) kvlab keeps nn.Linear.
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:

@@ -16,6 +16,9 @@ from conftest import STYLES
 from conftest import make_model as make_small_model
 
 
+needs_fast_path = pytest.mark.skipif(not onednn_linear_available(), reason="the fast path needs oneDNN on an x86 CPU")
+
+
 def make_model(style, seed=0):
     """A model whose blocks hold matrices above and below the fast path's size threshold."""
     return make_small_model(style, seed, d_model=512, n_heads=8, n_layers=1)
@@ -38,6 +41,7 @@ def test_onednn_kernel_is_available_on_x86():
     assert onednn_linear_available()
 
 
+@needs_fast_path
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (8, 1, 48), (3, 17, 48), (5, 48)])
 @pytest.mark.parametrize("input_major", [False, True])
@@ -62,6 +66,7 @@ def test_linear_falls_back_when_autograd_records():
     assert layer.weight.grad is not None and layer.weight.grad.shape == (8, 16)
 
 
+@needs_fast_path
 @pytest.mark.parametrize("style", STYLES)
 def test_eval_on_cpu_float32_is_the_fast_path_and_train_is_not(style):
     model = make_model(style).train()
@@ -72,11 +77,12 @@ def test_eval_on_cpu_float32_is_the_fast_path_and_train_is_not(style):
     assert any(big(m) for m in linears(model)) and not all(big(m) for m in linears(model))
     for m in linears(model):  # large matrices go input-major and to oneDNN; small ones stay as they were
         assert is_input_major(m.weight) == big(m) and m.weight.is_contiguous() != big(m)
-        assert m.onednn == (big(m) and onednn_linear_available())
+        assert m.onednn == big(m)
     model.train()
     assert all(m.weight.is_contiguous() and not m.onednn for m in linears(model))
 
 
+@needs_fast_path
 @pytest.mark.parametrize("style", STYLES)
 def test_fast_path_changes_no_value_and_keeps_ties(style):
     model = make_model(style)
@@ -96,6 +102,7 @@ def test_fast_path_changes_no_value_and_keeps_ties(style):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@needs_fast_path
 def test_bfloat16_and_moves_decide_again():
     model = make_model("gpt2").eval()
     assert model.cpu_fast_path and any(is_input_major(m.weight) for m in linears(model))
@@ -106,6 +113,7 @@ def test_bfloat16_and_moves_decide_again():
     assert model.cpu_fast_path and all(is_input_major(m.weight) == big(m) for m in linears(model))
 
 
+@needs_fast_path
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_cached_generation_gives_the_same_tokens_either_way(style, kind):
@@ -118,6 +126,7 @@ def test_cached_generation_gives_the_same_tokens_either_way(style, kind):
     assert torch.equal(fast, plain) and torch.equal(fast, naive)
 
 
+@needs_fast_path
 def test_small_models_are_left_alone():
     model = make_small_model("gpt2").eval()  # d_model 32: every matrix is far below the threshold
     assert model.cpu_fast_path
@@ -129,6 +138,7 @@ def test_bad_switch():
         make_model("gpt2").set_cpu_fast_path("yes")
 
 
+@needs_fast_path
 def test_training_after_eval_updates_and_saves(tmp_path):
     from kvlab.train import load_checkpoint, save_checkpoint
 
