@@ -59,12 +59,13 @@ class Linear(nn.Linear):
     `onednn` is off by default; `kvlab.GPT` switches it on for inference on a CPU in float32
     (see `GPT.set_cpu_fast_path`). It applies only where autograd is not recording (under
     `torch.no_grad` or `torch.inference_mode`, as in generation), since the kernel has no
-    backward. Built in chapter 5.
+    backward, and not inside `torch.compile`, which chooses its own kernels. Built in chapter 5.
     """
 
     onednn: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if (self.onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not torch.compiler.is_compiling()):  # torch.compile picks its own kernels
             return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

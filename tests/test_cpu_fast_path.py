@@ -154,3 +154,13 @@ def test_training_after_eval_updates_and_saves(tmp_path):
     load_checkpoint(path, other)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@needs_fast_path
+def test_torch_compile_of_an_eval_model_uses_its_own_kernels():
+    model = make_model("gpt2").eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        eager = model(idx)
+        compiled = torch.compile(model)(idx)  # oneDNN's op is skipped while compiling
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
