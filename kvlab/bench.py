@@ -252,7 +252,7 @@ def load_recorded(name: str) -> dict:
     From an installed kvlab (as on Colab) the file is downloaded once from the course
     repository and verified (`kvlab.data.repo_file`). Built in chapter 5.
     """
-    from .data import repo_file
+    from .data import checkout_root, repo_file
 
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"name must be a record's name such as 'cpu_fp32_vs_hf', got {name!r}")
@@ -261,8 +261,8 @@ def load_recorded(name: str) -> dict:
     except FileNotFoundError:
         path = None
     if path is None or not path.is_file():
-        folder = Path(__file__).resolve().parent.parent / "data" / "bench"
-        known = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        root = checkout_root()
+        known = sorted(p.stem for p in (root / "data" / "bench").glob("*.json")) if root is not None else []
         raise FileNotFoundError(f"no recorded benchmark {name!r} (the course has: {', '.join(known) or 'see data/bench'})")
     return json.loads(path.read_text())
 

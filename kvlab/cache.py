@@ -80,7 +80,10 @@ class DynamicLayerCache:
 
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None:
-            self.k, self.v = k, v
+            # Copies, not the views we were given: k and v are slices of the layer's fused qkv
+            # output, and keeping a view would keep that whole buffer (queries too) alive.
+            self.k = k.clone(memory_format=torch.contiguous_format)
+            self.v = v.clone(memory_format=torch.contiguous_format)
         else:
             self.k = torch.cat([self.k, k], dim=2)  # (B, Hkv, S + T, D)
             self.v = torch.cat([self.v, v], dim=2)

@@ -70,11 +70,10 @@ def verify_shakespeare(path: PathLike) -> pathlib.Path:
 
 def default_cache_dir() -> pathlib.Path:
     """Where a downloaded copy is kept: ``data/tinyshakespeare`` in the course repository
-    when kvlab runs from a checkout (the package's parent holds ``_toc.yml`` or
-    ``pyproject.toml``), otherwise ``~/.cache/kvlab/tinyshakespeare``. Built in chapter 1."""
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    # An installed kvlab lives in site-packages, which holds neither marker file.
-    if (repo / "_toc.yml").is_file() or (repo / "pyproject.toml").is_file():
+    when kvlab runs from a checkout (``checkout_root``), otherwise
+    ``~/.cache/kvlab/tinyshakespeare``. Built in chapter 1."""
+    repo = checkout_root()
+    if repo is not None:
         return repo / "data" / "tinyshakespeare"
     return pathlib.Path.home() / ".cache" / "kvlab" / "tinyshakespeare"
 
@@ -156,7 +155,8 @@ SHIPPED_DIRS = ("data/shakespeare", "data/bench")  # what the manifest covers (a
 
 
 def checkout_root() -> pathlib.Path | None:
-    """The course repository kvlab runs from, or None for an installed copy (e.g. on Colab)."""
+    """The course repository kvlab runs from, or None for an installed copy (e.g. on Colab):
+    an installed kvlab lives in site-packages, beside no `_toc.yml` and no `data/`."""
     repo = pathlib.Path(__file__).resolve().parent.parent
     return repo if (repo / "_toc.yml").is_file() and (repo / "data").is_dir() else None
 

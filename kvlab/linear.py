@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 __all__ = ["Linear", "onednn_linear_available"]
 
+# torch.compiler.is_compiling arrived in PyTorch 2.3; kvlab supports 2.1 (Colab may be older).
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # oneDNN's linear kernel (PyTorch's mkldnn operators), with no activation fused ("none").
@@ -48,7 +51,7 @@ def onednn_linear_available() -> bool:
             for weight in (w, w.t().contiguous().t()):
                 if not torch.allclose(_onednn_linear(x, weight, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4):
                     return False
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # any failure (an older build, another signature) means: keep F.linear
         return False
     return True
 
@@ -66,6 +69,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not torch.compiler.is_compiling()):  # torch.compile picks its own kernels
+                and not _is_compiling()):  # torch.compile picks its own kernels
             return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -64,3 +64,25 @@ def test_cli_writes_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert {r["use_cache"] for r in data["results"]} == {True, False}
     assert plot.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind, extra_per_layer", [("static", 0), ("dynamic", 0), ("sliding", 8 * 16)])
+def test_cache_memory_measures_what_the_formula_says(kind, extra_per_layer):
+    model = make_model("modern")  # grouped-query: 2 key/value heads for 4 query heads
+    c = model.config
+    window = 16 if kind == "sliding" else None
+    measured = kvlab.bench.cache_memory(model, 3, 40, kind=kind, window=window)
+    cached = window or 40  # a ring allocates all its slots; its int64 position per slot comes on top
+    assert measured == kvlab.kv_cache_bytes(c.n_layers, c.n_kv_heads, c.head_dim, cached, 3) + c.n_layers * extra_per_layer
+
+
+def test_precision_cost_is_zero_against_itself_and_small_in_bfloat16():
+    model = make_model("gpt2")
+    idx = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    same = kvlab.bench.precision_cost(model, idx, torch.float32)
+    assert same["loss_increase"] == 0 and abs(same["kl_nats"]) < 1e-6 and same["top1_agreement"] == 1.0
+    assert same["greedy_tokens_identical"] == [same["greedy_tokens_generated"]] * 4
+    low = kvlab.bench.precision_cost(model, idx, torch.bfloat16)
+    assert 0 < low["kl_nats"] < 0.05 and low["top1_agreement"] > 0.8
+    with pytest.raises(ValueError, match="at least 9"):
+        kvlab.bench.precision_cost(model, idx[:, :5])
