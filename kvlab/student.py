@@ -2,17 +2,19 @@
 
 Every exercise in a chapter notebook is four tagged pieces, in order:
     markdown  ```{exercise} ...  with a :label:
-    code      tagged "exercise-stub"   the signature, raising NotImplementedError
+    code      tagged "exercise-stub"   the signature, raising NotImplementedError (my_thing)
     markdown  ```{solution-start} <label> ... then a code cell tagged "solution", then
-              ```{solution-end}
-    code      tagged "exercise-check"  calls kvlab.checks.check_...(the learner's function)
+              ```{solution-end}; the solution has its own name (solution_thing) and ends
+              by running the check on itself, so it never replaces the learner's my_thing
+    code      tagged "exercise-check"  calls kvlab.checks.check_...(the learner's function),
+              which prints "✗ ... not done yet" while the stub is unfilled
 
     python -m kvlab.student build notebooks/ student/
         writes each notebook with the solution blocks removed and outputs cleared: learners
         get the stubs and the checks, everything else untouched.
     python -m kvlab.student grade submissions/*.ipynb [--json report.json]
         runs each notebook top to bottom (continuing past failures) and reports, per
-        exercise, whether its check passed.
+        exercise, whether its check passed; "not done" (the stub left as it was) is a fail.
 
 Built for instructors; see book/instructors.md.
 """
@@ -60,9 +62,20 @@ def student_notebook(nb):
     return out
 
 
+def _require(module: str):
+    """Import one of the notebook tools, or say what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"python -m kvlab.student needs the package {module!r}: pip install nbformat nbclient "
+                         "ipykernel (or pip install 'kvlab[student]')") from err
+
+
 def build_student_edition(src: str | Path, dest: str | Path) -> list[Path]:
     """Write the student edition of every notebook in `src` (a folder or one .ipynb) into `dest`."""
-    import nbformat
+    nbformat = _require("nbformat")
 
     src, dest = Path(src), Path(dest)
     paths = sorted(src.glob("*.ipynb")) if src.is_dir() else [src]
@@ -104,8 +117,9 @@ class Grade:
 
 def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | None = None) -> Grade:
     """Execute a notebook top to bottom, continuing past errors; pass/fail for each exercise check."""
-    import nbformat
-    from nbclient import NotebookClient
+    nbformat = _require("nbformat")
+    NotebookClient = _require("nbclient").NotebookClient
+    from .checks._common import is_not_done_line
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
@@ -114,9 +128,14 @@ def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | No
     client.execute()
     grade = Grade(notebook=str(path))
     for label, index in exercises_in(nb):
-        errors = [o for o in nb.cells[index].get("outputs", []) if o.get("output_type") == "error"]
+        outputs = nb.cells[index].get("outputs", [])
+        errors = [o for o in outputs if o.get("output_type") == "error"]
+        text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+        not_done = [line for line in text.splitlines() if is_not_done_line(line)]
         if nb.cells[index].get("execution_count") is None:
             grade.results[label] = "not run"
+        elif not_done:
+            grade.results[label] = f"fail: not done: {not_done[0][:200]}"
         elif errors:
             first_line = (errors[0].get("evalue", "").splitlines() or [""])[0]
             grade.results[label] = f"fail: {errors[0].get('ename')}: {first_line[:200]}"

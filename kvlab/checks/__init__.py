@@ -3,14 +3,16 @@
 A check runs the learner's function against kvlab's reference on several random shapes and
 edge cases. It returns quietly (printing a short "passed" line) when the answer is right, and
 raises `AssertionError` with a hint that points at the mistake without giving the answer away
-when it is not. An unfinished exercise (a stub that raises `NotImplementedError`) fails with a
-reminder to write it.
+when it is not. An exercise not attempted yet (a stub that raises `NotImplementedError`, or an
+answer still `None`) prints one "✗ ... not done yet" line and does not raise, so a chapter run
+top to bottom goes on past it; `python -m kvlab.student grade` counts that line as a fail.
+Every public check is wrapped in `learner_check` (see `_common`).
 
 Each chapter's checks live in their own module and are re-exported here, so a notebook writes
 `from kvlab import checks` and calls `checks.check_causal_mask(my_causal_mask)`.
 """
 
-from ._common import ExerciseNotDone, passed  # noqa: F401
+from ._common import ExerciseNotDone, is_not_done_line, learner_check, passed, require_answer  # noqa: F401
 from .attention import check_attention, check_causal_mask, check_multi_head_attention, check_repeat_kv  # noqa: F401
 from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_linear, check_layer_norm,  # noqa: F401
                   check_rms_norm)

@@ -1,17 +1,61 @@
-"""Helpers shared by every chapter's checks."""
+"""Helpers shared by every chapter's checks.
+
+Every check a notebook calls is wrapped in `learner_check`: a right answer prints one "✓" line,
+a wrong one raises `AssertionError` with a hint, and an exercise not attempted yet (the stub
+still raises `NotImplementedError`, or an answer is still `None`) prints one "✗ ... not done
+yet" line and returns, so that running a whole chapter top to bottom never stops at an exercise
+the reader has not reached, and never reports it as passed.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ExerciseNotDone", "MODEL_STYLES", "call_learner", "close", "passed", "small_model"]
+__all__ = ["ExerciseNotDone", "MODEL_STYLES", "NOT_DONE_MARK", "PASS_MARK", "call_learner", "close",
+           "is_not_done_line", "learner_check", "passed", "require_answer", "small_model"]
+
+PASS_MARK = "✓ "  # starts the line a passing check prints
+NOT_DONE_MARK = "✗ "  # starts the line a check prints for an exercise not attempted yet
 
 
 class ExerciseNotDone(AssertionError):
-    """Raised when the learner's function is still the stub (it raised NotImplementedError)."""
+    """Raised inside a check when the learner's function is still the stub (it raised
+    NotImplementedError) or an answer is still None; `learner_check` turns it into a line."""
+
+
+def learner_check(check: Callable) -> Callable:
+    """Wrap a check so that an unfinished exercise prints a "✗ ... not done yet" line instead of raising.
+
+    Wrong answers still raise (AssertionError with a hint); right ones print the "✓" line.
+    `python -m kvlab.student grade` counts the "✗" line as a fail.
+    """
+
+    @functools.wraps(check)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            check(*args, **kwargs)
+        except ExerciseNotDone as err:
+            print(f"{NOT_DONE_MARK}{err} (not done yet: this check runs again when you re-run this cell)")
+        return None
+
+    wrapper.learner_check = True
+    return wrapper
+
+
+def is_not_done_line(line: str) -> bool:
+    """True for the line `learner_check` prints for an exercise not attempted yet."""
+    return line.startswith(NOT_DONE_MARK) and "not done yet" in line
+
+
+def require_answer(value: Any, name: str) -> Any:
+    """Return `value`, or raise ExerciseNotDone when the learner has not answered (`None`)."""
+    if value is None:
+        raise ExerciseNotDone(f"{name} is not answered yet: replace None with your answer")
+    return value
 
 
 def call_learner(fn: Callable, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
@@ -42,7 +86,7 @@ def close(actual: Any, expected: torch.Tensor, hint: str, *, atol: float = 1e-5,
 
 def passed(what: str) -> None:
     """The one line a notebook shows when a check succeeds."""
-    print(f"✓ {what}: all checks passed")
+    print(f"{PASS_MARK}{what}: all checks passed")
 
 
 # The two decoder styles the cache checks run every answer through: GPT-2's and a Llama-style

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..attention import SelfAttention, attention_reference, causal_mask, repeat_kv
-from ._common import call_learner, close, passed
+from ._common import call_learner, close, passed, learner_check
 
 __all__ = ["check_causal_mask", "check_attention", "check_multi_head_attention", "check_repeat_kv"]
 
@@ -26,6 +26,7 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- causal mask
 
 
+@learner_check
 def check_causal_mask(fn: Callable) -> None:
     """`fn(T, S) -> (T, S) bool`: True where query i (the i-th of the last T positions) may
     see key j. Square cases come first, then shorter query blocks down to one query."""
@@ -103,6 +104,7 @@ def _diagnose_weights(w: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask, w
         )
 
 
+@learner_check
 def check_attention(fn: Callable) -> None:
     """`fn(q, k, v, mask=None) -> (out, weights)` against `kvlab.attention_reference` on
     several shapes, with and without masks (including T < S and a single query)."""
@@ -136,6 +138,7 @@ def _reference_mha(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, n_
         return attn(x, mask=causal_mask(x.size(1)))
 
 
+@learner_check
 def check_multi_head_attention(fn: Callable) -> None:
     """`fn(x, w_qkv, w_out, n_heads) -> (B, T, C)`: causal multi-head self-attention without
     biases, compared with `kvlab.SelfAttention` holding the same weights. One head and one token
@@ -175,6 +178,7 @@ def check_multi_head_attention(fn: Callable) -> None:
 # --------------------------------------------------------------------------- grouped-query attention
 
 
+@learner_check
 def check_repeat_kv(fn: Callable) -> None:
     """`fn(x, n_rep)`: (B, Hkv, S, D) -> (B, Hkv * n_rep, S, D), query head h reading key/value
     head h // n_rep, compared with `kvlab.attention.repeat_kv`."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..attention import apply_rope
 from ..gpt import GPT, GPTConfig
 from ..layers import RMSNorm, rope_cos_sin
-from ._common import call_learner, close, passed
+from ._common import call_learner, close, passed, learner_check
 
 __all__ = [
     "check_layer_norm",
@@ -62,6 +62,7 @@ def _norm_cases(g: torch.Generator):
     yield 1e-3 * torch.randn(2, 7, 10, generator=g), 1e-4
 
 
+@learner_check
 def check_layer_norm(fn: Callable) -> None:
     """`fn(x, weight, bias, eps) -> y`, LayerNorm over the last dimension of x (..., C), against
     `torch.nn.functional.layer_norm` on several shapes and eps values."""
@@ -101,6 +102,7 @@ def check_layer_norm(fn: Callable) -> None:
 # --------------------------------------------------------------------------- RMSNorm
 
 
+@learner_check
 def check_rms_norm(fn: Callable) -> None:
     """`fn(x, weight, eps) -> y`, RMSNorm over the last dimension of x (..., C), against
     `kvlab.layers.RMSNorm` on several shapes, including inputs whose mean is far from zero."""
@@ -158,6 +160,7 @@ _COUNT_CASES = [
 ]
 
 
+@learner_check
 def check_gpt2_param_count(fn: Callable) -> None:
     """`fn(vocab_size, max_seq_len, d_model, n_layers) -> int` against the parameter count of a
     GPT-2-style `kvlab.GPT` built on the meta device, for GPT-2's own sizes and small shapes."""
@@ -226,6 +229,7 @@ def _rope_cases(g: torch.Generator):
     yield torch.randn(2, 2, 7, 16, generator=g), torch.arange(7), 500.0
 
 
+@learner_check
 def check_apply_rope(fn: Callable) -> None:
     """`fn(x, positions, base) -> x rotated`, x (B, H, T, D) and positions (T,) ints, against
     kvlab's `rope_cos_sin` + `apply_rope` (the rotate-half pairing (i, i + D/2))."""
@@ -266,6 +270,7 @@ def check_apply_rope(fn: Callable) -> None:
 # --------------------------------------------------------------------------- Conv1D -> Linear
 
 
+@learner_check
 def check_hf_conv1d_to_linear(fn: Callable) -> None:
     """`fn(weight, bias) -> nn.Linear`, where a Hugging Face `Conv1D` computes x @ weight + bias
     with weight (in, out): the returned layer must compute the same function."""

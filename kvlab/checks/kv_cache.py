@@ -15,7 +15,8 @@ from ..attention import attention_mask
 from ..cache import KVCache, kv_cache_bytes
 from ..generate import decode_step, generate
 from ..gpt import GPTConfig
-from ._common import MODEL_STYLES, ExerciseNotDone, call_learner, close, passed, small_model as _model
+from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, passed,
+                      small_model as _model)
 
 __all__ = [
     "check_kv_cache_bytes",
@@ -48,6 +49,7 @@ _BYTES_CASES = [
 ]
 
 
+@learner_check
 def check_kv_cache_bytes(fn) -> None:
     """`fn(config, seq_len, batch_size, bytes_per_element) -> int`: bytes of a full KV cache."""
     for label, cfg, seq_len, batch, bpe in _BYTES_CASES:
@@ -115,6 +117,7 @@ def _mask_cases():
     return cases
 
 
+@learner_check
 def check_sliding_window_mask(fn) -> None:
     """`fn(q_pos, k_pos, window) -> (T, S) bool`: True where query i may attend to key j."""
     for label, q_pos, k_pos, window in _mask_cases():
@@ -155,6 +158,7 @@ def _run(what: str, hint: str, fn, *args, **kwargs):
                              f"Hint: {hint}") from err
 
 
+@learner_check
 def check_concat_cache(cache_class) -> None:
     """`cache_class()` makes one layer's concat cache with key_positions/update/reset/length."""
     try:
@@ -220,6 +224,7 @@ _CHUNK_HINT = ("each chunk continues where the previous one ended: its positions
                "where start is the number of prompt tokens already fed (cache.length).")
 
 
+@learner_check
 def check_chunked_prefill(fn) -> None:
     """`fn(model, idx, cache, chunk_size) -> (B, V)`: feed the prompt in chunks, return the next logits."""
     cases = [

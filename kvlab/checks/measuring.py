@@ -15,7 +15,7 @@ import torch
 
 from ..cache import kv_cache_bytes
 from ..gpt import GPT, GPTConfig
-from ._common import call_learner, passed
+from ._common import call_learner, passed, learner_check
 
 __all__ = ["check_time_steps", "check_decode_bytes", "check_kl_divergence"]
 
@@ -48,6 +48,7 @@ class SimulatedDevice:
             time.sleep(wait)
 
 
+@learner_check
 def check_time_steps(fn) -> None:
     """`fn(step, sync, warmup, repeats) -> list of seconds`: a timer that is fair to asynchronous devices."""
     for warmup, repeats, slow_calls in ((1, 6, 1), (3, 4, 3), (2, 3, 1)):
@@ -98,6 +99,7 @@ def _meta_model(dtype=torch.float32, **config) -> GPT:
         return GPT(GPTConfig(**config)).to(dtype)
 
 
+@learner_check
 def check_decode_bytes(fn) -> None:
     """`fn(model, context_len, batch_size) -> int`: bytes one decode step reads from memory."""
     gpt2 = dict(vocab_size=50257, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12)
@@ -154,6 +156,7 @@ def kl_divergence(logits_ref: torch.Tensor, logits_other: torch.Tensor) -> torch
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+@learner_check
 def check_kl_divergence(fn) -> None:
     """`fn(logits_ref, logits_other) -> scalar`: mean KL divergence of other's distribution from ref's."""
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import min_p_filter, top_p_filter
-from ._common import call_learner, close, passed
+from ._common import call_learner, close, passed, learner_check
 
 __all__ = ["check_top_p_filter", "check_min_p_filter", "check_top_prob_at_temperature"]
 
@@ -54,6 +54,7 @@ def _check_filtered(got, logits: Tensor, expected: Tensor, call: str, hint: str)
           "(return logits, not probabilities).")
 
 
+@learner_check
 def check_top_p_filter(fn: Callable) -> None:
     """`fn(logits, p) -> Tensor` of logits' shape: the smallest set of most likely tokens whose
     probability reaches p keeps its logits, every other entry becomes -inf; like
@@ -86,6 +87,7 @@ def check_top_p_filter(fn: Callable) -> None:
     passed("my_top_p_filter")
 
 
+@learner_check
 def check_min_p_filter(fn: Callable) -> None:
     """`fn(logits, min_p) -> Tensor` of logits' shape: tokens whose probability is at least
     min_p × the top token's probability keep their logits, the others become -inf; like
@@ -113,6 +115,7 @@ def check_min_p_filter(fn: Callable) -> None:
     passed("my_min_p_filter")
 
 
+@learner_check
 def check_top_prob_at_temperature(fn: Callable) -> None:
     """`fn(logits, t) -> Tensor` of shape logits.shape[:-1]: the probability of the most likely
     token after dividing the logits by the temperature t > 0, i.e.

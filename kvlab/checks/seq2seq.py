@@ -15,7 +15,7 @@ import torch
 
 from ..attention import attention_reference
 from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
-from ._common import call_learner, close, passed
+from ._common import call_learner, close, passed, learner_check
 
 __all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode"]
 
@@ -23,6 +23,7 @@ __all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode"]
 # --------------------------------------------------------------------------- padding mask
 
 
+@learner_check
 def check_padding_mask(fn: Callable) -> None:
     """`fn(lengths, S) -> (B, S) bool`: True at the first lengths[b] positions of row b."""
     cases = [([3], 3), ([1], 1), ([2, 5, 1], 5), ([4, 4], 7), ([1, 6, 3, 2], 9)]
@@ -63,6 +64,7 @@ def _cross_cases(g: torch.Generator):
     yield rand(2, 2, 6, 32), rand(2, 2, 6, 32), rand(2, 2, 6, 32), pad([6, 2], 6)
 
 
+@learner_check
 def check_cross_attention(fn: Callable) -> None:
     """`fn(q, k, v, pad_mask) -> (B, H, T, D)`: every query attends over all of its source's real
     keys; compared with `kvlab.attention_reference` under the mask pad_mask[:, None, None, :]."""
@@ -145,6 +147,7 @@ def _same_up_to_eos(got: torch.Tensor, expected: torch.Tensor, eos_id: int) -> b
     return True
 
 
+@learner_check
 def check_greedy_decode(fn: Callable) -> None:
     """`fn(model, src, max_new_tokens) -> (B, N)`: cached greedy decoding, compared token for
     token with `kvlab.greedy_decode`; the cross-attention keys must be projected once per layer."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..tokenizers import CharTokenizer
-from ._common import call_learner, passed
+from ._common import call_learner, passed, learner_check
 
 __all__ = [
     "check_char_tokenizer",
@@ -77,6 +77,7 @@ _CHAR_TEXTS = [
 ]
 
 
+@learner_check
 def check_char_tokenizer(fn: Callable) -> None:
     """`fn(text) -> (encode, decode)`: the ids must equal `kvlab.CharTokenizer.from_text(text)`'s
     (one id per distinct character, in sorted order) and `decode(encode(s)) == s`."""
@@ -160,6 +161,7 @@ _PAIR_CASES = [
 ]
 
 
+@learner_check
 def check_most_frequent_pair(fn: Callable) -> None:
     """`fn(ids) -> (a, b)`: the adjacent pair occurring most often in `ids` (every position
     counts, overlaps included); on a tie, the pair whose first occurrence comes first."""
@@ -209,6 +211,7 @@ _MERGE_CASES = [
 ]
 
 
+@learner_check
 def check_merge(fn: Callable) -> None:
     """`fn(ids, pair, new_id) -> list[int]`: every occurrence of `pair`, scanned left to
     right, replaced by `new_id`; overlapping occurrences merge once (1, 1, 1 -> new, 1)."""
@@ -285,6 +288,7 @@ _BPE_TEXTS = [
 ]
 
 
+@learner_check
 def check_bpe_encode(fn: Callable) -> None:
     """`fn(text, merges) -> list[int]`: the UTF-8 bytes of `text`, then every merge applied in
     the order it was learned (lowest new id first), whatever order the dict holds them in."""
@@ -368,6 +372,7 @@ def _starts(data: torch.Tensor, x: torch.Tensor, y: torch.Tensor, where: str) ->
     return starts
 
 
+@learner_check
 def check_get_batch(fn: Callable) -> None:
     """`fn(data, batch_size, block_size, generator) -> (x, y)`: random windows of `data` with
     `y` shifted by one, every valid offset reachable, and the randomness all drawn from

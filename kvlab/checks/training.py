@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gpt import GPT, GPTConfig
-from ._common import call_learner, close, passed
+from ._common import call_learner, close, passed, learner_check
 
 # kvlab.train is imported inside each check, not here: kvlab/__init__ imports the checks, and a
 # module-level import would load kvlab.train with the package, which makes `python -m kvlab.train`
@@ -33,6 +33,7 @@ _SCHEDULES = [(10, 100, 1e-3, 1e-4), (1, 20, 3e-3, 3e-4), (0, 50, 1.0, 0.1), (30
               (5, 40, 2e-3, 2e-3)]
 
 
+@learner_check
 def check_lr_at(fn: Callable) -> None:
     """`fn(step, warmup, max_steps, lr, min_lr) -> float`: the rate for 0-based optimizer step
     `step`, equal to `kvlab.train.lr_at` for every step from 0 to past max_steps."""
@@ -88,6 +89,7 @@ def _group_models() -> list[tuple[str, GPT]]:
     return models
 
 
+@learner_check
 def check_param_groups(fn: Callable) -> None:
     """`fn(model) -> (decay, no_decay)`: two lists of the model's parameter tensors, the same
     tensors (by identity) as `kvlab.train.configure_optimizer` puts in its two groups."""
@@ -131,6 +133,7 @@ def check_param_groups(fn: Callable) -> None:
 # --------------------------------------------------------------------------- cross-entropy
 
 
+@learner_check
 def check_cross_entropy(fn: Callable) -> None:
     """`fn(logits (B, T, V), targets (B, T)) -> scalar`: the mean next-token cross-entropy in
     nats over all B·T positions, equal to `F.cross_entropy` on the flattened tensors."""
@@ -166,6 +169,7 @@ def _clip_case(g: torch.Generator, shapes, scale: float, with_none: bool = False
     return params
 
 
+@learner_check
 def check_clip_grad_norm(fn: Callable) -> None:
     """`fn(params, max_norm) -> total_norm`: scale every gradient in place by one common factor
     so that the global norm is at most max_norm; return the norm before clipping. Compared with
