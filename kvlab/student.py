@@ -28,7 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["is_solution_cell", "student_notebook", "build_student_edition", "exercises_in", "grade_notebook", "main"]
+__all__ = ["is_solution_cell", "student_notebook", "build_student_edition", "exercises_in", "execute_notebook",
+           "grade_executed", "grade_notebook", "main"]
 
 _LABEL = re.compile(r":label:\s*(\S+)")
 
@@ -115,18 +116,24 @@ class Grade:
         return sum(r == "pass" for r in self.results.values())
 
 
-def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | None = None) -> Grade:
-    """Execute a notebook top to bottom, continuing past errors; pass/fail for each exercise check."""
+def execute_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | None = None):
+    """Run a notebook top to bottom, continuing past errors; return the executed notebook."""
     nbformat = _require("nbformat")
     NotebookClient = _require("nbclient").NotebookClient
-    from .checks._common import is_not_done_line
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, allow_errors=True, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd or path.parent)}})
     client.execute()
-    grade = Grade(notebook=str(path))
+    return nb
+
+
+def grade_executed(nb, name: str = "") -> Grade:
+    """Pass/fail for each exercise of an executed notebook: an error or a "not done" line is a fail."""
+    from .checks._common import is_not_done_line
+
+    grade = Grade(notebook=name)
     for label, index in exercises_in(nb):
         outputs = nb.cells[index].get("outputs", [])
         errors = [o for o in outputs if o.get("output_type") == "error"]
@@ -134,14 +141,19 @@ def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | No
         not_done = [line for line in text.splitlines() if is_not_done_line(line)]
         if nb.cells[index].get("execution_count") is None:
             grade.results[label] = "not run"
-        elif not_done:
-            grade.results[label] = f"fail: not done: {not_done[0][:200]}"
         elif errors:
             first_line = (errors[0].get("evalue", "").splitlines() or [""])[0]
             grade.results[label] = f"fail: {errors[0].get('ename')}: {first_line[:200]}"
+        elif not_done:
+            grade.results[label] = f"fail: not done: {not_done[0][:200]}"
         else:
             grade.results[label] = "pass"
     return grade
+
+
+def grade_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | None = None) -> Grade:
+    """Execute a notebook top to bottom, continuing past errors; pass/fail for each exercise check."""
+    return grade_executed(execute_notebook(path, timeout=timeout, cwd=cwd), str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

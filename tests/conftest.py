@@ -38,3 +38,21 @@ def model(style):
 def prompt():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, STYLES["gpt2"]["vocab_size"], (2, 7), generator=g)
+
+
+@pytest.fixture
+def assert_not_done(capsys):
+    """`assert_not_done(lambda: checks.check_x(stub))`: the check printed its "✗ ... not done yet"
+    line for an unattempted exercise, returned None and did not raise or report a pass."""
+    from kvlab.checks import is_not_done_line
+
+    def check(call):
+        capsys.readouterr()
+        result = call()
+        out = capsys.readouterr().out
+        assert result is None
+        assert any(is_not_done_line(line) for line in out.splitlines()), out
+        assert "all checks passed" not in out, out
+        return out
+
+    return check
