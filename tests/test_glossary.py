@@ -1,4 +1,5 @@
-"""The glossary: every term a page links with MyST's `term` role exists in book/glossary.md.
+"""The glossary and the references: every term a page links with MyST's `term` role exists in
+book/glossary.md, and every paper a chapter links is listed in book/references.md.
 
 Sphinx resolves `` {term}`KV cache` `` (or `` {term}`the cache <KV cache>` ``, whose target is
 the part in angle brackets) against the terms of every `{glossary}` directive. The target's
@@ -200,3 +201,28 @@ def test_every_linked_term_exists(path):
 def test_pages_use_the_glossary():
     used = {p.name: roles(page_text(p)) for p in PAGES}
     assert sum(map(len, used.values())) > 50, f"hardly any {{term}} roles found: {used}"
+
+
+# --- the references -------------------------------------------------------------------------
+
+REFERENCES = ROOT / "book" / "references.md"
+# Links to papers: an arXiv abstract (by its number) or a paper hosted elsewhere.
+PAPER_LINK = re.compile(r"https?://(?:arxiv\.org/(?:abs|pdf)/(?P<arxiv>\d{4}\.\d{4,5})"
+                        r"|(?P<other>(?:transformer-circuits\.pub|jmlr\.org|openreview\.net|aclanthology\.org|"
+                        r"proceedings\.\w+\.\w+|cdn\.openai\.com)/[^)\s>]+))")
+
+
+def cited_papers(text: str) -> set[str]:
+    return {m["arxiv"] or m["other"] for m in PAPER_LINK.finditer(text)}
+
+
+def test_cited_papers_parser():
+    text = "([Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)), see https://arxiv.org/pdf/2104.09864 and [x](https://transformer-circuits.pub/2022/a/index.html)."
+    assert cited_papers(text) == {"1706.03762", "2104.09864", "transformer-circuits.pub/2022/a/index.html"}
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_cited_papers_are_in_the_references(path):
+    listed = cited_papers(REFERENCES.read_text(encoding="utf-8"))
+    missing = sorted(cited_papers(page_text(path)) - listed)
+    assert not missing, f"{path.relative_to(ROOT)} cites papers that book/references.md does not list: {missing}"
