@@ -226,3 +226,14 @@ def test_cited_papers_are_in_the_references(path):
     listed = cited_papers(REFERENCES.read_text(encoding="utf-8"))
     missing = sorted(cited_papers(page_text(path)) - listed)
     assert not missing, f"{path.relative_to(ROOT)} cites papers that book/references.md does not list: {missing}"
+
+
+# --- the instructors' page ------------------------------------------------------------------
+
+
+def test_instructors_student_build_lists_every_chapter():
+    """The student-build example shows one `wrote` line per chapter notebook, as the command prints."""
+    text = (ROOT / "book" / "instructors.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^wrote student/(\S+\.ipynb)$", text, re.M)
+    chapters = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert shown == chapters, f"book/instructors.md shows the student build writing {shown}; notebooks/ has {chapters}"
