@@ -682,8 +682,8 @@ FIGURES: list[tuple[Figure, object]] = [
                  "occurrence of a pair by one new symbol; single characters keep their byte value "
                  "as id, and merged symbols are numbered from 256 in the order they were learned. "
                  "(Spaces are drawn as ␣.)"),
-        note=("The merges in {numref}`fig-ch01_text_to_ids` are the first three the table above "
-              "learned, replayed on a shorter text.")), draw_tokens),
+        note=("The {term}`merges <merge>` in {numref}`fig-ch01_text_to_ids` are the first three the "
+              "table above learned, replayed on a shorter text.")), draw_tokens),
     (Figure(
         name="ch02_heads_split_merge", notebook="02_attention", after="attention-031",
         alt=("Diagram: the input x, a T by C matrix, is projected into Q, K and V, each T by C "
@@ -696,7 +696,7 @@ FIGURES: list[tuple[Figure, object]] = [
                  "transpose to $(H, T, D)$, so that one batched attention call runs every head; "
                  "*merge* undoes it, and $W_O$ mixes what the heads found."),
         note=("{numref}`fig-ch02_heads_split_merge` is the code below, drawn: `split_heads` and "
-              "`merge_heads` are the two reshapes.")), draw_heads),
+              "`merge_heads` are the two reshapes around the {term}`attention heads <attention head>`.")), draw_heads),
     (Figure(
         name="ch03_block_residual", notebook="03_gpt_decoder", after="d29ec944",
         alt=("Diagram of a GPT-2 decoder as a vertical residual stream. Token and position "
@@ -707,8 +707,8 @@ FIGURES: list[tuple[Figure, object]] = [
         caption=("The pre-norm block and the residual stream. Each sublayer reads a normalised "
                  "copy of the stream and *adds* its result back; only attention mixes "
                  "positions. The same embedding table turns the final vectors into logits."),
-        note=("{numref}`fig-ch03_block_residual` is the function `block` above, drawn, inside the "
-              "whole model.")), draw_block),
+        note=("{numref}`fig-ch03_block_residual` is the function `block` above, drawn inside the "
+              "whole model, with the {term}`residual stream` running through it.")), draw_block),
     (Figure(
         name="ch04_prefill_decode", notebook="04_kv_cache", after="b08508c3",
         alt=("Two panels. Left, prefill: five prompt tokens at input_pos 0 to 4 go through the "
@@ -732,7 +732,7 @@ FIGURES: list[tuple[Figure, object]] = [
                  "the window. The slots are no longer in position order, which is why the cache "
                  "keeps each slot's position and builds the mask from positions."),
         note=("{numref}`fig-ch04_ring_buffer` is the decode-step case above; a multi-token step "
-              "is different, as the next paragraph shows.")), draw_ring),
+              "into the {term}`ring buffer` is different, as the next paragraph shows.")), draw_ring),
     (Figure(
         name="ch05_time", notebook="05_measuring", after="f1dc42d5",
         alt=("Top: a time axis with one long prefill bar, labelled TTFT, followed by equal decode "
@@ -744,8 +744,9 @@ FIGURES: list[tuple[Figure, object]] = [
         caption=("Where generation's time goes. TTFT is mostly the prefill, TPOT is one decode "
                  "step, and a decode step streams every weight from memory to do very little "
                  "arithmetic with it, so its time is set by memory bandwidth."),
-        note=("{numref}`fig-ch05_time` puts what this section found next to the numbers defined at "
-              "the start of the chapter.")), draw_timeline),
+        note=("{numref}`fig-ch05_time` puts what this section found, a {term}`memory-bound` decode "
+              "step, next to the numbers defined at the start of the chapter, {term}`TTFT` and "
+              "{term}`TPOT`.")), draw_timeline),
     (Figure(
         name="ch06_training_loop", notebook="06_training", after="training-008",
         alt=("A loop of five boxes: 1 batch (get_batch gives x and y, y is x shifted by one), "
@@ -759,7 +760,9 @@ FIGURES: list[tuple[Figure, object]] = [
                  "(warmup, then cosine decay), clipping of the global gradient norm before the "
                  "AdamW step, and periodic evaluation and checkpoints."),
         note=("{numref}`fig-ch06_training_loop` is the loop above, with the pieces the rest of this "
-              "chapter adds to it in place.")), draw_training_loop),
+              "chapter adds to it in place: {term}`AdamW`, the {term}`warmup` and "
+              "{term}`cosine decay` of the learning rate, {term}`gradient clipping` and "
+              "{term}`checkpoints <checkpoint>`.")), draw_training_loop),
     (Figure(
         name="ch07_filters", notebook="07_sampling", after="51a4d92c",
         alt=("Six bar charts of a sorted next-token distribution over 20 tokens, kept tokens in "
@@ -784,7 +787,7 @@ FIGURES: list[tuple[Figure, object]] = [
                  "keys and values are computed once per source; each decoder step adds one "
                  "position to its self-attention cache and reads the cross cache unchanged."),
         note=("{numref}`fig-ch08_cross_cache` is the loop above, drawn for one source of the "
-              "reversal task.")), draw_seq2seq),
+              "reversal task, with its {term}`cross-attention cache`.")), draw_seq2seq),
 ]
 
 
