@@ -537,8 +537,8 @@ def draw_training_loop():
 
     # Around the loop.
     text(ax, 3.55, 0.55,
-         "every eval_interval steps: the validation loss (no gradients)\n"
-         "and an atomic checkpoint, from which a run resumes exactly",
+         "every eval_interval steps: the validation loss (no gradients);\n"
+         "every checkpoint_interval: an atomic checkpoint, to resume exactly",
          fs=8.5, ha="left", va="top", color="#444444")
     return fig
 
@@ -754,8 +754,8 @@ FIGURES: list[tuple[Figure, object]] = [
              "(gradients for every parameter), 5 update (clip the global gradient norm, AdamW "
              "step at the scheduled learning rate), then zero_grad and back to 1. A small curve "
              "shows the learning rate rising linearly during warmup, then following a cosine "
-             "down to min_lr. A note says the validation loss and a checkpoint are taken every "
-             "eval_interval steps."),
+             "down to min_lr. A note says the validation loss is measured every eval_interval "
+             "steps and a checkpoint written every checkpoint_interval steps."),
         caption=("The training loop and what `kvlab.train` adds to it: the learning-rate schedule "
                  "(warmup, then cosine decay), clipping of the global gradient norm before the "
                  "AdamW step, and periodic evaluation and checkpoints."),
