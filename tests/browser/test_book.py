@@ -11,6 +11,8 @@ here instead of on a reader's offline laptop. For each page:
 - MathJax has rendered every formula (an ``mjx-container`` in each ``.math`` element) and
   no raw ``$$``, ``\\(`` or ``\\[`` is left in the text;
 - a chapter (a notebook) shows at least one of its figures from ``_images/``;
+- every drawn figure a chapter places with a ``{figure}`` directive (book/figures/*.svg) is
+  on its page, loaded (``naturalWidth > 0``) and carries the directive's alt text;
 - a page that embeds widget state (``application/vnd.jupyter.widget-state+json``) shows
   its widgets, rendered by the embed script.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -229,6 +232,11 @@ COLLECT = """() => {
     mjxContainers: document.querySelectorAll("mjx-container").length,
     mathjaxVersion: window.MathJax && window.MathJax.version || null,
     rawMath: raw,
+    figures: [...document.querySelectorAll("figure")].map(fig => {
+      const img = fig.querySelector("img");
+      return {id: fig.id, src: img ? (img.currentSrc || img.src) : null,
+              alt: img ? img.getAttribute("alt") : null, naturalWidth: img ? img.naturalWidth : 0};
+    }),
     widgetState: document.querySelectorAll('script[type="WIDGET_STATE"]').length,
     widgetViews: document.querySelectorAll('script[type="WIDGET_VIEW"]').length,
     widgetsRendered: RENDERED_WIDGETS,
@@ -358,6 +366,41 @@ def test_chapter_shows_its_figures(visits, page):
     figures = [img for img in visit.info["images"] if "/_images/" in img["src"]]
     assert figures, f"{visit.url}: a chapter without a single figure from _images/"
     assert all(img["naturalWidth"] for img in figures)
+
+
+# A drawn figure in a chapter's markdown: ```{figure} ../book/figures/NAME.svg, then options.
+DRAWN_FIGURE = re.compile(r"^(?:`{3,}|:{3,})\{figure\}\s*\.\./book/figures/(?P<file>[\w.-]+\.svg)\s*\n"
+                          r"(?P<options>(?::[\w-]+:.*\n?)*)", re.M)
+
+
+def drawn_figures(page: str) -> list[dict]:
+    """The drawn figures a chapter's notebook places: file, the HTML id of its `:name:`, alt."""
+    import nbformat
+    from docutils.nodes import make_id
+
+    found = []
+    for cell in nbformat.read(ROOT / f"{page}.ipynb", as_version=4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for m in DRAWN_FIGURE.finditer(cell.source):
+            options = dict(re.findall(r"^:([\w-]+):[ \t]*(.*)$", m["options"], re.M))
+            found.append({"file": m["file"], "id": make_id(options.get("name", "")),
+                          "alt": " ".join(options.get("alt", "").split())})
+    return found
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_drawn_figures_load_with_alt_text(visits, page):
+    expected = drawn_figures(page)
+    assert expected, f"{page}: no drawn figure (book/figures/*.svg) in the notebook"
+    shown = {fig["id"]: fig for fig in visits(page).info["figures"]}
+    for want in expected:
+        fig = shown.get(want["id"])
+        assert fig, f"{page}: figure #{want['id']} ({want['file']}) is not on the page; figures: {sorted(shown)}"
+        assert fig["src"] and fig["src"].endswith(f"/_images/{want['file']}"), f"{page}: #{want['id']} shows {fig['src']}"
+        assert fig["naturalWidth"] > 0, f"{page}: {want['file']} did not load"
+        assert want["alt"] and " ".join((fig["alt"] or "").split()) == want["alt"], (
+            f"{page}: {want['file']} has alt text {fig['alt']!r}, the notebook says {want['alt']!r}")
 
 
 def test_the_chapters_have_math(visits):
