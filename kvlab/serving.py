@@ -364,6 +364,10 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
+    def block_tables(self) -> dict[int, list[int]]:
+        """The block table of every running request: request id -> block ids, in position order."""
+        return {r.id: list(r.table) for r in self._running}
+
     # -- memory -------------------------------------------------------------------------------
 
     def kv_bytes_reserved(self) -> int:
