@@ -310,6 +310,7 @@ class Engine:
         self._prefix_of: dict[int, tuple[int, ...]] = {}  # the reverse, to forget a freed block
         self._computing: set[int] = set()  # prefix blocks being filled in the current step
         self.preemptions = 0  # how many times a request was sent back to the queue
+        self.copies = 0  # how many shared blocks were copied before a write (copy-on-write)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -440,9 +441,12 @@ class Engine:
         block = r.table[j]
         if self.pool.holders[block] > 1:
             own = self.pool.allocate()
+            if own is None:  # admission counts this block; later writes never land in a shared one
+                raise RuntimeError("no free block for copy-on-write")
             self.pool.copy(block, own)
             self.pool.release(block)
             r.table[j] = own
+            self.copies += 1
 
     def _preempt(self) -> _Request:
         """Send the most recently admitted running request back to the front of the queue."""
