@@ -22,7 +22,7 @@ from .generate import generate
 from .gpt import GPT
 from .serving import Engine, mixed_workload
 
-__all__ = ["batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench", "plot_serving",
+__all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench", "plot_serving",
            "cpu_model_name"]
 
 
@@ -68,7 +68,13 @@ def batch_sweep(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: int
     return rows
 
 
-def _run_engine(engine: Engine, workload) -> dict:
+def run_workload(engine: Engine, workload) -> dict:
+    """Submit every (prompt, max_new_tokens) of `workload` (greedy) to `engine` and step it to the end.
+
+    Returns total_s, new_tokens, throughput_tok_s, steps, reserved_over_used (the sum over steps of
+    `kv_bytes_reserved()` over that of `kv_bytes_used()`, read after each step), the mean bytes
+    reserved and used per step, preemptions, and results (id -> tokens). Built in chapter 9.
+    """
     for prompt, n in workload:
         engine.submit(prompt, n, temperature=0)
     reserved = used = steps = 0
@@ -116,7 +122,7 @@ def engine_vs_sequential(model: GPT, *, n_requests: int = 32, max_batch_size: in
     for kv in ("paged", "static"):
         extra = dict(block_size=block_size) if kv == "paged" else {}
         engine = Engine(model, max_batch_size=max_batch_size, kv=kv, max_seq_len=longest, **extra)
-        run = _run_engine(engine, workload)
+        run = run_workload(engine, workload)
         results = run.pop("results")
         run["tokens_equal"] = sum(torch.equal(results[i].cpu(), a.cpu()) for i, a in enumerate(alone)) / n_requests
         run["speedup"] = run["throughput_tok_s"] / out["sequential"]["throughput_tok_s"]
