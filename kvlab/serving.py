@@ -369,6 +369,10 @@ class Engine:
         """The block table of every running request: request id -> block ids, in position order."""
         return {r.id: list(r.table) for r in self._running}
 
+    def cached_lengths(self) -> dict[int, int]:
+        """How many positions of every running request are in the cache: request id -> count."""
+        return {r.id: r.n_cached for r in self._running}
+
     # -- memory -------------------------------------------------------------------------------
 
     def kv_bytes_reserved(self) -> int:
