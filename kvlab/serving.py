@@ -247,8 +247,9 @@ class Engine:
     """Continuous batching over one model: submit requests at any time, step, collect results.
 
     Every `step()` admits waiting requests into free batch slots (their prompts are prefilled
-    in that step, and each gets its first token), runs one decode step for every running
-    request in the same forward pass, and returns the ids that finished. Each request has its
+    in that step, and each gets its first token), runs one decode step for every other running
+    request, and returns the ids that finished. The decoding rows share one forward pass and the
+    prefilling rows another, so a one-token row is never padded to a new prompt's length. Each request has its
     own sampling settings and, with `seed`, its own CPU generator, so its text does not depend
     on what else is in the batch.
 
@@ -462,11 +463,30 @@ class Engine:
         self.preemptions += 1
         return victim
 
+    def _forward(self, rows: list[_Request]) -> Tensor:
+        """One `forward_rows` over `rows`, each feeding its uncached tokens; logits (B, V)."""
+        device = self.model.device
+        feeds = [r.tokens[r.n_cached:] for r in rows]
+        B, T = len(rows), max(len(f) for f in feeds)
+        idx = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)  # pads sit at position 0
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, (r, f) in enumerate(zip(rows, feeds)):
+            idx[b, : len(f)] = torch.tensor(f)
+            positions[b, : len(f)] = torch.arange(r.n_cached, len(r.tokens))
+            valid[b, : len(f)] = True
+        tables = torch.zeros(B, max(len(r.table) for r in rows), dtype=torch.long)
+        for b, r in enumerate(rows):
+            tables[b, : len(r.table)] = torch.tensor(r.table)
+        n_keys = max(len(r.tokens) for r in rows)
+        return forward_rows(self.model, idx.to(device), positions.to(device), valid.to(device), self.pool,
+                            tables.to(device), n_keys)
+
     @torch.inference_mode()
     def step(self) -> list[int]:
-        """Admit waiting requests into free slots, run one forward for every running request
-        (prefill for the new, one decode token for the others), sample, and return the ids of
-        the requests that finished."""
+        """Admit waiting requests into free slots, run every running request forward (prefill
+        for the new, one decode token for the others), sample, and return the ids of the
+        requests that finished."""
         finished: list[int] = []
         bs = self.block_size
         # 1. Every running request needs a writable block for the token it feeds this step.
@@ -494,31 +514,20 @@ class Engine:
             self._running.append(self._waiting.popleft())
         if not self._running:
             return finished
-        # 3. One forward over the ragged rows.
-        device = self.model.device
-        rows = self._running
-        feeds = [r.tokens[r.n_cached:] for r in rows]
-        T = max(len(f) for f in feeds)
-        B = len(rows)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for b, (r, f) in enumerate(zip(rows, feeds)):
-            idx[b, : len(f)] = torch.tensor(f)
-            positions[b, : len(f)] = torch.arange(r.n_cached, len(r.tokens))
-            valid[b, : len(f)] = True
-        nb = max(len(r.table) for r in rows)
-        tables = torch.zeros(B, nb, dtype=torch.long)
-        for b, r in enumerate(rows):
-            tables[b, : len(r.table)] = torch.tensor(r.table)
-        n_keys = max(len(r.tokens) for r in rows)
-        logits = forward_rows(self.model, idx.to(device), positions.to(device), valid.to(device), self.pool,
-                              tables.to(device), n_keys)
+        # 3. The forward passes: one for the rows decoding a single token, one for the rows
+        # prefilling a prompt. Apart, a decode row is not padded to the longest new prompt.
+        rows = list(self._running)
+        decoding = [r for r in rows if len(r.tokens) - r.n_cached == 1]
+        prefilling = [r for r in rows if len(r.tokens) - r.n_cached > 1]
+        logits = {}
+        for group in (decoding, prefilling):
+            if group:
+                logits.update(zip((r.id for r in group), self._forward(group)))
         self._computing.clear()
         # 4. Each request chooses its next token with its own settings.
-        for b, r in enumerate(list(rows)):
+        for r in rows:
             r.n_cached = len(r.tokens)
-            token = int(next_token(logits[b: b + 1], **r.sampling))
+            token = int(next_token(logits[r.id][None], **r.sampling))
             r.tokens.append(token)
             if token == r.eos_id or r.n_generated >= r.max_new_tokens:
                 self._running.remove(r)
