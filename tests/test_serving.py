@@ -72,6 +72,10 @@ def test_generate_batch_stops_each_row_at_its_eos(model):
     assert len(results[1]) <= 9 + 4 and int(results[1][-1]) == eos
 
 
+def test_generate_batch_is_exported():
+    assert kvlab.generate_batch is generate_batch and kvlab.serving.Engine is Engine
+
+
 def test_generate_batch_zero_new_tokens_returns_the_prompts(model):
     prompts = prompts_of([3, 6])
     assert all(torch.equal(r, p) for r, p in zip(generate_batch(model, prompts, 0), prompts))
