@@ -240,6 +240,7 @@ def plot_serving(result: dict):
         ax_bytes.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     ax_bytes.set_title("KV bytes: ratios")
     ax_bytes.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{result['device']} ({result['cpu']}), {result['threads']} threads, {result['dtype']}", fontsize=9)
+    fig.suptitle(f"{result['device']}, {result['dtype']}, GPT shape d_model={result['model']['d_model']}, "
+                 f"{result['model']['n_layers']} layers; {result['note']}", fontsize=9)
     fig.tight_layout()
     return fig
