@@ -623,7 +623,7 @@ already a batched forward, so that part of the work gains nothing from serving r
 together. And on one CPU thread a decode step of 16 rows is limited by arithmetic, not by
 reading the weights, so it costs several times a step of one row; the batch sweep shows the
 same flattening. On a GPU, where one row leaves almost all of the arithmetic idle, the same
-engine gains far more.
+engine should gain far more (not measured here).
 
 ## Summary
 
