@@ -379,7 +379,8 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
                              "engine against one request at a time, reserved/used KV bytes, prefix sharing")
     parser.add_argument("--serving-batch-sizes", type=ints, default=[1, 2, 4, 8, 16, 32],
                         help="batch sizes for --serving (default 1,2,4,8,16,32)")
-    parser.add_argument("--serving-new-tokens", type=int, default=64, help="new tokens per row for --serving (default 64)")
+    parser.add_argument("--serving-new-tokens", type=int, default=64,
+                        help="new tokens per row for --serving (default 64)")
     parser.add_argument("--serving-uncached-budget", type=float, default=30.0,
                         help="--serving stops the uncached side after a run longer than this many seconds (default 30)")
     args = parser.parse_args(argv)

@@ -163,7 +163,8 @@ def generate_batch(
     """
     _check_model(model)
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a list of 1-D token-id tensors or lists of ints, got {type(prompts).__name__}")
+        raise TypeError("prompts must be a list of 1-D token-id tensors or lists of ints, "
+                        f"got {type(prompts).__name__}")
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
     c = model.config

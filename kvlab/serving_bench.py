@@ -22,8 +22,8 @@ from .generate import generate
 from .gpt import GPT
 from .serving import Engine, mixed_workload
 
-__all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench", "plot_serving",
-           "cpu_model_name"]
+__all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench",
+           "plot_serving", "cpu_model_name"]
 
 
 def cpu_model_name() -> str:
