@@ -11,6 +11,7 @@ from .generate import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
 from .pretrained import from_hf_gpt2, load_gpt2, load_shakespeare, to_hf_gpt2_state_dict
 from .sampling import logits_to_probs
+from .serving import generate_batch
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
                       greedy_decode)
 from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokenizer

@@ -372,6 +372,17 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
                              "weights) instead of its CPU inference fast path, to measure what the path gains")
     parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
     parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
+    # Chapter 9 (serving): a separate set of measurements, see run_serving.
+    parser.add_argument("--serving", action="store_true",
+                        help="instead of the sweep, run chapter 9's serving measurements (kvlab.serving_bench): "
+                             "throughput and KV memory against --serving-batch-sizes cached and uncached, the "
+                             "engine against one request at a time, reserved/used KV bytes, prefix sharing")
+    parser.add_argument("--serving-batch-sizes", type=ints, default=[1, 2, 4, 8, 16, 32],
+                        help="batch sizes for --serving (default 1,2,4,8,16,32)")
+    parser.add_argument("--serving-new-tokens", type=int, default=64,
+                        help="new tokens per row for --serving (default 64)")
+    parser.add_argument("--serving-uncached-budget", type=float, default=30.0,
+                        help="--serving stops the uncached side after a run longer than this many seconds (default 30)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -386,6 +397,8 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = GPT(config).to(device=device, dtype=dtype).eval().set_cpu_fast_path(not args.no_cpu_fast_path)
+    if args.serving:
+        return run_serving(model, args, argv)
     hf_model = None
     if args.hf:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -411,6 +424,27 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
         from .viz import plot_bench
 
         plot_bench(result).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# -- chapter 9: serving ---------------------------------------------------------------------------
+
+def run_serving(model: GPT, args, argv: list[str] | None = None) -> int:
+    """`python -m kvlab.bench --serving`: chapter 9's measurements on `model`, written as JSON (and a plot).
+
+    Built in chapter 9."""
+    from .serving_bench import plot_serving, serving_bench
+
+    result = serving_bench(model, batch_sizes=args.serving_batch_sizes, prompt_len=args.prompt_lens[0],
+                           new_tokens=args.serving_new_tokens, uncached_budget_s=args.serving_uncached_budget)
+    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    for name, value in result["targets"].items():
+        print(f"{name}: {value:.3f}")
+    if args.plot:
+        plot_serving(result).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"wrote {args.plot}")
     return 0
 
