@@ -69,8 +69,14 @@ def test_figure_directive_parser():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_every_chapter_shows_a_drawn_figure(path):
+    """A drawn picture of the idea: an SVG from book/figures/ in a {figure}, or a code cell tagged
+    `drawn-figure` that draws one live (e.g. from a real engine's state) with alt text."""
     drawn = [d for d in figure_directives(path) if d["path"].startswith("../book/figures/")]
-    assert drawn, f"{path.name}: no {{figure}} of a drawn figure from book/figures/"
+    nb = nbformat.read(path, as_version=4)
+    drawn += [c for c in nb.cells if c.cell_type == "code" and "drawn-figure" in c.metadata.get("tags", [])
+              and c.metadata.get("mystnb", {}).get("image", {}).get("alt")]
+    assert drawn, (f"{path.name}: no {{figure}} of a drawn figure from book/figures/, and no code cell "
+                   "tagged drawn-figure with mystnb.image.alt text")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
