@@ -9,7 +9,7 @@ top to bottom goes on past it; `python -m kvlab.student grade` counts that line 
 Every public check is wrapped in `learner_check` (see `_common`).
 
 Each chapter's checks live in their own module and are re-exported here, so a notebook writes
-`from kvlab import checks` and calls `checks.check_causal_mask(my_causal_mask)`.
+`from kvlab import checks` and calls `checks.check_alibi_bias(my_alibi_bias)`.
 """
 
 from ._common import ExerciseNotDone, is_not_done_line, learner_check, passed, require_answer  # noqa: F401
