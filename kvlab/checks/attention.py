@@ -216,7 +216,7 @@ def _entropy_ratio(D: int, n_keys: int = 16, n_rows: int = 20000, seed: int = 0)
 
 
 @learner_check
-def check_entropy_ratio(answer) -> None:
+def check_entropy_ratio(answer: float) -> None:
     """`answer`: the mean entropy of a softmax over 16 keys of unscaled q·k at D = 64, divided by the
     same with the scores divided by √D, for standard normal q and k; measured here within 0.03."""
     answer = require_answer(answer, "my_entropy_ratio")

@@ -227,7 +227,7 @@ _ROPE_VALUE_HINTS = {
 
 
 @learner_check
-def check_rope_values(answer) -> None:
+def check_rope_values(answer: str) -> None:
     """`answer`: the letter of the statement in ROPE_VALUE_CHOICES that holds, decided live by
     running attention with RoPE on the values too."""
     answer = require_answer(answer, "my_rope_answer")
@@ -280,7 +280,7 @@ def gqa_eval_ids(tokenizer) -> Tensor:
 
 
 @learner_check
-def check_gqa_cost(answer) -> None:
+def check_gqa_cost(answer: float) -> None:
     """`answer`: how many nats per character the shipped model's validation loss rises when its 4
     key/value heads are mean-pooled into 2, measured here with `evaluate_split` within 0.02."""
     answer = require_answer(answer, "my_gqa_cost")
