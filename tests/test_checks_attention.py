@@ -5,65 +5,13 @@ import math
 import pytest
 import torch
 
-from kvlab.checks.attention import (check_attention, check_causal_mask, check_multi_head_attention,
-                                    check_repeat_kv)
+from kvlab.attention import SelfAttention
+from kvlab.checks.attention import (check_alibi_bias, check_entropy_ratio, check_multi_head_attention, check_pool_kv,
+                                    mean_entropy, pool_kv_reference)
 
 
 def stub(*args, **kwargs):
     raise NotImplementedError  # your code here
-
-
-# --------------------------------------------------------------------------- causal mask
-
-
-def causal_mask_solution(T, S):
-    q_pos = torch.arange(S - T, S)
-    return q_pos[:, None] >= torch.arange(S)[None, :]
-
-
-def causal_mask_top_left(T, S):
-    return torch.ones(T, S, dtype=torch.bool).tril()
-
-
-def causal_mask_off_by_one(T, S):  # a query that cannot see itself
-    q_pos = torch.arange(S - T, S)
-    return q_pos[:, None] > torch.arange(S)[None, :]
-
-
-def causal_mask_floats(T, S):
-    return causal_mask_solution(T, S).float()
-
-
-def causal_mask_transposed(T, S):  # the upper triangle: every query sees the future
-    return torch.ones(T, S, dtype=torch.bool).triu()
-
-
-def test_causal_mask_check_passes_a_solution(capsys):
-    check_causal_mask(causal_mask_solution)
-    assert "my_causal_mask: all checks passed" in capsys.readouterr().out
-
-
-def test_causal_mask_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_causal_mask(stub))
-
-
-def test_causal_mask_check_names_the_top_left_mistake():
-    with pytest.raises(AssertionError, match="top-left"):
-        check_causal_mask(causal_mask_top_left)
-
-
-@pytest.mark.parametrize("wrong", [causal_mask_off_by_one, causal_mask_transposed])
-def test_causal_mask_check_fails_wrong_masks(wrong):
-    with pytest.raises(AssertionError, match="position"):
-        check_causal_mask(wrong)
-
-
-def test_causal_mask_check_wants_bools():
-    with pytest.raises(AssertionError, match="bool"):
-        check_causal_mask(causal_mask_floats)
-
-
-# --------------------------------------------------------------------------- attention
 
 
 def attention_solution(q, k, v, mask=None):
@@ -72,75 +20,6 @@ def attention_solution(q, k, v, mask=None):
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     return weights @ v, weights
-
-
-def attention_unscaled(q, k, v, mask=None):
-    scores = q @ k.transpose(-2, -1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return weights @ v, weights
-
-
-def attention_wrong_dim(q, k, v, mask=None):
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-2)
-    return weights @ v, weights
-
-
-def attention_mask_after_softmax(q, k, v, mask=None):
-    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)
-    if mask is not None:
-        weights = weights * mask
-    return weights @ v, weights
-
-
-def attention_ignores_mask(q, k, v, mask=None):
-    return attention_solution(q, k, v)
-
-
-def attention_divides_by_d(q, k, v, mask=None):
-    scores = q @ k.transpose(-2, -1) / q.size(-1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return weights @ v, weights
-
-
-def attention_swapped_kv(q, k, v, mask=None):
-    return attention_solution(q, v, k, mask)
-
-
-def attention_out_only(q, k, v, mask=None):
-    return attention_solution(q, k, v, mask)[0]
-
-
-def test_attention_check_passes_a_solution(capsys):
-    check_attention(attention_solution)
-    assert "my_attention: all checks passed" in capsys.readouterr().out
-
-
-def test_attention_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_attention(stub))
-
-
-@pytest.mark.parametrize(
-    "wrong, hint",
-    [
-        (attention_unscaled, "too peaked"),
-        (attention_wrong_dim, "softmax's dim"),
-        (attention_mask_after_softmax, "sum to 1"),
-        (attention_ignores_mask, "masked keys"),
-        (attention_divides_by_d, "√D"),
-        (attention_swapped_kv, "softmax"),
-        (attention_out_only, "pair"),
-    ],
-)
-def test_attention_check_fails_wrong_answers(wrong, hint):
-    with pytest.raises(AssertionError, match=hint):
-        check_attention(wrong)
 
 
 # --------------------------------------------------------------------------- multi-head attention
@@ -219,44 +98,172 @@ def test_multi_head_check_fails_wrong_answers(wrong, hint):
         check_multi_head_attention(wrong)
 
 
+# --------------------------------------------------------------------------- ALiBi
+
+
+def alibi_solution(n_heads, T, S):
+    slopes = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
+    distance = (torch.arange(S - T, S)[:, None] - torch.arange(S)[None, :]).float()
+    return (-slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
+
+
+def alibi_top_left(n_heads, T, S):  # queries placed at 0 .. T - 1
+    slopes = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
+    distance = (torch.arange(T)[:, None] - torch.arange(S)[None, :]).float()
+    return (-slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
+
+
+def alibi_positive(n_heads, T, S):  # a reward for distance instead of a penalty
+    bias = alibi_solution(n_heads, T, S)
+    return torch.where(torch.isfinite(bias), -bias, bias)
+
+
+def alibi_unmasked(n_heads, T, S):
+    bias = alibi_solution(n_heads, T, S)
+    return torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias))
+
+
+def alibi_slopes_from_zero(n_heads, T, S):  # head 0's slope is 1
+    slopes = 2.0 ** (-8.0 * torch.arange(0, n_heads) / n_heads)
+    distance = (torch.arange(S - T, S)[:, None] - torch.arange(S)[None, :]).float()
+    return (-slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
+
+
+def test_alibi_check_passes_a_solution(capsys):
+    check_alibi_bias(alibi_solution)
+    assert "my_alibi_bias: all checks passed" in capsys.readouterr().out
+
+
+def test_alibi_check_fails_the_stub(assert_not_done):
+    assert_not_done(lambda: check_alibi_bias(stub))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (alibi_top_left, "last T of the S positions"),
+    (alibi_positive, "sign is flipped"),
+    (alibi_unmasked, "future is not masked"),
+    (alibi_slopes_from_zero, "one step too high"),
+    (lambda n_heads, T, S: alibi_solution(n_heads, T, S).flip(0), "wrong order"),
+    (lambda n_heads, T, S: alibi_solution(n_heads, T, S)[0], "wrong shape"),
+])
+def test_alibi_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_alibi_bias(wrong)
+
+
+# --------------------------------------------------------------------------- MHA -> GQA by pooling
+
+
+def pool_solution(w_qkv, n_heads, n_kv_heads):
+    C = w_qkv.shape[0] // 3
+    D, G = C // n_heads, n_heads // n_kv_heads
+    q, k, v = w_qkv.split(C)
+    rest = w_qkv.shape[1:]
+    return torch.cat([q] + [t.reshape(n_kv_heads, G, D, *rest).mean(1).reshape(-1, *rest) for t in (k, v)])
+
+
+def pool_strided(w_qkv, n_heads, n_kv_heads):  # groups heads h, h + n_kv_heads, ...
+    C = w_qkv.shape[0] // 3
+    D, G = C // n_heads, n_heads // n_kv_heads
+    q, k, v = w_qkv.split(C)
+    rest = w_qkv.shape[1:]
+    return torch.cat([q] + [t.reshape(G, n_kv_heads, D, *rest).mean(0).reshape(-1, *rest) for t in (k, v)])
+
+
+def pool_summed(w_qkv, n_heads, n_kv_heads):
+    C = w_qkv.shape[0] // 3
+    G = n_heads // n_kv_heads
+    return torch.cat([w_qkv[:C], pool_solution(w_qkv, n_heads, n_kv_heads)[C:] * G])
+
+
+def pool_first_head(w_qkv, n_heads, n_kv_heads):
+    C = w_qkv.shape[0] // 3
+    D, G = C // n_heads, n_heads // n_kv_heads
+    q, k, v = w_qkv.split(C)
+    rest = w_qkv.shape[1:]
+    return torch.cat([q] + [t.reshape(n_kv_heads, G, D, *rest)[:, 0].reshape(-1, *rest) for t in (k, v)])
+
+
+def pool_queries_too(w_qkv, n_heads, n_kv_heads):  # the query rows changed as well
+    C = w_qkv.shape[0] // 3
+    return torch.cat([w_qkv[:C] * 0.5, pool_solution(w_qkv, n_heads, n_kv_heads)[C:]])
+
+
+def test_pool_kv_check_passes_a_solution(capsys):
+    check_pool_kv(pool_solution)
+    assert "my_pool_kv: all checks passed" in capsys.readouterr().out
+
+
+def test_pool_kv_check_fails_the_stub(assert_not_done):
+    assert_not_done(lambda: check_pool_kv(stub))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (pool_strided, "consecutive"),
+    (pool_summed, "summed"),
+    (pool_first_head, "kept one head per group"),
+    (pool_queries_too, "query projection"),
+    (lambda w, n_heads, n_kv_heads: w, "wrong shape"),
+])
+def test_pool_kv_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_pool_kv(wrong)
+
+
+def test_pooled_layer_equals_multi_head_when_the_group_heads_agree():
+    """The reference the check uses really builds a kvlab GQA layer's weights."""
+    torch.manual_seed(0)
+    mha = SelfAttention(16, 4).eval()
+    with torch.no_grad():
+        for rows in (slice(16, 32), slice(32, 48)):
+            w = mha.qkv.weight[rows].view(2, 2, 4, 16)
+            w[:, 1] = w[:, 0]
+            b = mha.qkv.bias[rows].view(2, 2, 4)
+            b[:, 1] = b[:, 0]
+        gqa = SelfAttention(16, 4, 2).eval()
+        gqa.qkv.weight.copy_(pool_kv_reference(mha.qkv.weight, 4, 2))
+        gqa.qkv.bias.copy_(pool_kv_reference(mha.qkv.bias, 4, 2))
+        gqa.out.load_state_dict(mha.out.state_dict())
+        x = torch.randn(2, 5, 16)
+        torch.testing.assert_close(gqa(x, is_causal=True), mha(x, is_causal=True))
+
+
+# --------------------------------------------------------------------------- the entropy experiment
+
+
+def measured_ratio(D, n_rows=4000, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(n_rows, 1, D, generator=g), torch.randn(n_rows, 16, D, generator=g)
+    s = (q @ k.transpose(-2, -1)).squeeze(1)
+    return mean_entropy(s.softmax(-1)) / mean_entropy((s / math.sqrt(D)).softmax(-1))
+
+
+def test_entropy_check_passes_a_measurement(capsys):
+    check_entropy_ratio(measured_ratio(64))
+    assert "my_entropy_ratio: all checks passed" in capsys.readouterr().out
+
+
+def test_entropy_check_fails_the_stub(assert_not_done):
+    assert_not_done(lambda: check_entropy_ratio(None))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda: 1 / measured_ratio(64), "upside down"),
+    (lambda: 1.0, "both entropies came out equal"),
+    (lambda: measured_ratio(16), "another width"),
+    (lambda: measured_ratio(64) + 0.5, "for many random"),
+    (lambda: "0.2", "should be a number"),
+])
+def test_entropy_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_entropy_ratio(wrong())
+
+
 def test_checks_leave_the_global_random_state_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     check_multi_head_attention(mha_solution)
-    check_attention(attention_solution)
+    check_pool_kv(pool_solution)
+    check_entropy_ratio(measured_ratio(64))
     assert torch.equal(torch.rand(3), expected)
-
-
-# --------------------------------------------------------------------------- repeat_kv
-
-
-def repeat_kv_solution(x, n_rep):
-    return x.repeat_interleave(n_rep, dim=1)
-
-
-def repeat_kv_tiled(x, n_rep):
-    return x.repeat(1, n_rep, 1, 1)
-
-
-def repeat_kv_wrong_dim(x, n_rep):
-    return x.repeat_interleave(n_rep, dim=2)
-
-
-def test_repeat_kv_check_passes_a_solution(capsys):
-    check_repeat_kv(repeat_kv_solution)
-    assert "my_repeat_kv: all checks passed" in capsys.readouterr().out
-
-
-def test_repeat_kv_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_repeat_kv(stub))
-
-
-def test_repeat_kv_check_names_the_tiling_mistake():
-    with pytest.raises(AssertionError, match="wrong order"):
-        check_repeat_kv(repeat_kv_tiled)
-
-
-def test_repeat_kv_check_fails_the_wrong_dimension():
-    with pytest.raises(AssertionError, match="wrong shape"):
-        check_repeat_kv(repeat_kv_wrong_dim)

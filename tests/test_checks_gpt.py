@@ -1,9 +1,9 @@
 """Chapter 3's exercise checks: each passes a correct answer, fails the unfinished stub, and
-fails the plausible wrong answers with a hint that names the mistake."""
+fails the plausible wrong answers with a hint that names the mistake. The experiment's check is
+fed what a learner would measure on the shipped model."""
 
 import pytest
 import torch
-from torch import nn
 
 from kvlab.checks import gpt as checks
 
@@ -15,110 +15,6 @@ def stub(*args, **kwargs):
 def fails(check, fn, match: str | None = None):
     with pytest.raises(AssertionError, match=match):
         check(fn)
-
-
-# --------------------------------------------------------------------------- LayerNorm
-
-
-def layer_norm(x, weight, bias, eps):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps) * weight + bias
-
-
-def test_layer_norm_passes(capsys):
-    checks.check_layer_norm(layer_norm)
-    assert "my_layer_norm: all checks passed" in capsys.readouterr().out
-
-
-def test_layer_norm_stub(assert_not_done):
-    assert_not_done(lambda: checks.check_layer_norm(stub))
-
-
-@pytest.mark.parametrize("wrong, match", [
-    (lambda x, w, b, eps: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) * w + b,
-     "unbiased"),
-    (lambda x, w, b, eps: (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, unbiased=False) + eps) * w + b,
-     "after the square root"),
-    (lambda x, w, b, eps: (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True, unbiased=False) * w + b,
-     "ignores eps"),
-    (lambda x, w, b, eps: layer_norm(x, torch.ones_like(w), torch.zeros_like(b), eps), "weight and bias"),
-    (lambda x, w, b, eps: (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) * w + b, "last dimension"),
-    (lambda x, w, b, eps: layer_norm(x, w, b, eps) * w, None),
-])
-def test_layer_norm_wrong_answers(wrong, match):
-    fails(checks.check_layer_norm, wrong, match)
-
-
-def test_layer_norm_in_place_is_caught():
-    def in_place(x, w, b, eps):
-        x.sub_(x.mean(-1, keepdim=True))
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w + b
-    fails(checks.check_layer_norm, in_place, "in place")
-
-
-# --------------------------------------------------------------------------- RMSNorm
-
-
-def rms_norm(x, weight, eps):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def test_rms_norm_passes(capsys):
-    checks.check_rms_norm(rms_norm)
-    assert "my_rms_norm: all checks passed" in capsys.readouterr().out
-
-
-def test_rms_norm_stub(assert_not_done):
-    assert_not_done(lambda: checks.check_rms_norm(stub))
-
-
-@pytest.mark.parametrize("wrong, match", [
-    (lambda x, w, eps: rms_norm(x - x.mean(-1, keepdim=True), w, eps), "subtracted the mean"),
-    (lambda x, w, eps: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * w, "after the square root"),
-    (lambda x, w, eps: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w, "sum of squares"),
-    (lambda x, w, eps: rms_norm(x, torch.ones_like(w), eps), "multiply by weight"),
-    (lambda x, w, eps: x / torch.sqrt(x.var(-1, keepdim=True) + eps) * w, None),
-])
-def test_rms_norm_wrong_answers(wrong, match):
-    fails(checks.check_rms_norm, wrong, match)
-
-
-# --------------------------------------------------------------------------- parameter count
-
-
-def gpt2_param_count(vocab_size, max_seq_len, d_model, n_layers):
-    C = d_model
-    per_block = 12 * C * C + 13 * C
-    return vocab_size * C + max_seq_len * C + n_layers * per_block + 2 * C
-
-
-def test_param_count_passes(capsys):
-    checks.check_gpt2_param_count(gpt2_param_count)
-    assert "gpt2_param_count: all checks passed" in capsys.readouterr().out
-    assert gpt2_param_count(50257, 1024, 768, 12) == 124_439_808
-
-
-def test_param_count_accepts_integer_tensor():
-    checks.check_gpt2_param_count(lambda V, P, C, L: torch.tensor(gpt2_param_count(V, P, C, L)))
-
-
-def test_param_count_stub(assert_not_done):
-    assert_not_done(lambda: checks.check_gpt2_param_count(stub))
-
-
-@pytest.mark.parametrize("wrong, match", [
-    (lambda V, P, C, L: gpt2_param_count(V, P, C, L) + V * C, "counted once"),  # tied head counted twice
-    (lambda V, P, C, L: gpt2_param_count(V, P, C, L) - L * 9 * C, "biases"),
-    (lambda V, P, C, L: gpt2_param_count(V, P, C, L) - P * C, "position"),
-    (lambda V, P, C, L: gpt2_param_count(V, P, C, L) - 2 * C, "final LayerNorm"),
-    (lambda V, P, C, L: gpt2_param_count(V, P, C, L) - (2 * L + 1) * C, "bias as well"),
-    (lambda V, P, C, L: V * C + P * C + L * 12 * C * C, None),  # no biases, no norms
-    (lambda V, P, C, L: V * C + P * C + L * (8 * C * C + 13 * C) + 2 * C, "matrix parameters"),  # MLP 2C wide
-    (lambda V, P, C, L: float(gpt2_param_count(V, P, C, L)), "return an int"),
-])
-def test_param_count_wrong_answers(wrong, match):
-    fails(checks.check_gpt2_param_count, wrong, match)
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -171,59 +67,139 @@ def test_apply_rope_wrong_answers(wrong, match):
     fails(checks.check_apply_rope, wrong, match)
 
 
-# --------------------------------------------------------------------------- Conv1D -> Linear
+# --------------------------------------------------------------------------- a modern decoder's parameter count
 
 
-def conv1d_to_linear(weight, bias):
-    n_in, n_out = weight.shape
-    layer = nn.Linear(n_in, n_out)
-    with torch.no_grad():
-        layer.weight.copy_(weight.t())
-        layer.bias.copy_(bias)
-    return layer
+def modern_count(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff):
+    C, D = d_model, d_model // n_heads
+    block = 2 * C * C + 2 * C * n_kv_heads * D + 3 * C * d_ff + 2 * C
+    return 2 * vocab_size * C + n_layers * block + C
 
 
-def test_conv1d_passes(capsys):
-    checks.check_hf_conv1d_to_linear(conv1d_to_linear)
-    assert "hf_conv1d_to_linear: all checks passed" in capsys.readouterr().out
+def test_modern_count_passes(capsys):
+    checks.check_modern_param_count(modern_count)
+    assert "my_modern_param_count: all checks passed" in capsys.readouterr().out
 
 
-def test_conv1d_stub(assert_not_done):
-    assert_not_done(lambda: checks.check_hf_conv1d_to_linear(stub))
+def test_modern_count_accepts_an_integer_tensor(capsys):
+    checks.check_modern_param_count(lambda *args: torch.tensor(modern_count(*args)))
+    assert "all checks passed" in capsys.readouterr().out
 
 
-def no_transpose(weight, bias):
-    layer = nn.Linear(*weight.shape)
-    layer.weight = nn.Parameter(weight.clone())
-    layer.bias = nn.Parameter(bias.clone())
-    return layer
-
-
-def no_bias(weight, bias):
-    layer = nn.Linear(*weight.shape, bias=False)
-    layer.weight = nn.Parameter(weight.t().clone())
-    return layer
-
-
-def swapped_sizes(weight, bias):
-    return nn.Linear(weight.shape[1], weight.shape[0])
+def test_modern_count_stub(assert_not_done):
+    assert_not_done(lambda: checks.check_modern_param_count(stub))
 
 
 @pytest.mark.parametrize("wrong, match", [
-    (no_transpose, "transposed"),
-    (no_bias, "no bias"),
-    (swapped_sizes, None),
-    (lambda w, b: (lambda x: x @ w + b), "return a torch.nn.Linear"),
-    (lambda w, b: nn.Linear(*w.shape), "the Conv1D does"),  # right shape, random weights
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, Hkv, F) - V * C, "not tied"),
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, H, F), "n_kv_heads · D rows"),
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, Hkv, F) - L * C * F, "three matrices"),
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, Hkv, F) + L * 3 * C + C, "no bias"),
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, Hkv, F) - L * 2 * C - C, "two norms"),
+    (lambda V, C, L, H, Hkv, F: float(modern_count(V, C, L, H, Hkv, F)), "return an int"),
+    (lambda V, C, L, H, Hkv, F: modern_count(V, C, L, H, Hkv, F) + 1, "more than the model has"),
 ])
-def test_conv1d_wrong_answers(wrong, match):
-    fails(checks.check_hf_conv1d_to_linear, wrong, match)
+def test_modern_count_wrong_answers(wrong, match):
+    fails(checks.check_modern_param_count, wrong, match)
+
+
+# --------------------------------------------------------------------------- RoPE on the values
+
+
+def test_rope_values_facts_single_out_one_statement():
+    facts = checks._rope_value_facts()
+    assert sum(facts.values()) == 1 and facts["b"]
+
+
+@pytest.mark.parametrize("answer", ["b", "B", " b "])
+def test_rope_values_passes(answer, capsys):
+    checks.check_rope_values(answer)
+    assert "my_rope_answer: all checks passed" in capsys.readouterr().out
+
+
+def test_rope_values_stub(assert_not_done):
+    assert_not_done(lambda: checks.check_rope_values(None))
+
+
+@pytest.mark.parametrize("wrong, match", [
+    ("a", "weights are a softmax of q·k alone"),
+    ("c", "causal mask"),
+    ("d", "not undone"),
+    ("e", "one of the letters"),
+    (2, "one of the letters"),
+])
+def test_rope_values_wrong_answers(wrong, match):
+    with pytest.raises(AssertionError, match=match):
+        checks.check_rope_values(wrong)
+
+
+# --------------------------------------------------------------------------- the GQA experiment
+
+
+@pytest.fixture(scope="module")
+def gqa_losses():
+    """What a learner measures: the shipped model, then pooled to 2 and 1 key/value heads, and
+    pooled to 2 with the wrong (strided) groups."""
+    from kvlab.pretrained import load_shakespeare
+    from kvlab.train import evaluate_split
+
+    model, tokenizer = load_shakespeare()
+    ids = checks.gqa_eval_ids(tokenizer)
+    return dict(before=evaluate_split(model, ids, 128),
+                two=evaluate_split(checks.pool_model_kv(model, 2), ids, 128),
+                one=evaluate_split(checks.pool_model_kv(model, 1), ids, 128),
+                strided=evaluate_split(checks.pool_model_kv(model, 2, consecutive=False), ids, 128))
+
+
+def test_pooling_hurts_and_more_heads_hurt_less(gqa_losses):
+    assert gqa_losses["before"] < gqa_losses["two"] < gqa_losses["one"]
+
+
+def test_pooled_model_equals_the_original_when_the_heads_agree():
+    """pool_model_kv builds a GQA model that computes what the multi-head model computes, once
+    the key/value heads of each group are equal."""
+    from kvlab.pretrained import load_shakespeare
+
+    model, _ = load_shakespeare()
+    assert model.config.n_heads == 4 and model.config.n_kv_heads == 4
+    C, D = model.config.d_model, model.config.head_dim
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("weight", "bias"):
+                t = getattr(block.attn.qkv, name)
+                for rows in (slice(C, 2 * C), slice(2 * C, 3 * C)):
+                    heads = t[rows].view(2, 2, D, *t.shape[1:])
+                    heads[:, 1] = heads[:, 0]
+    idx = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(checks.pool_model_kv(model, 2)(idx), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_cost_passes(gqa_losses, capsys):
+    checks.check_gqa_cost(gqa_losses["two"] - gqa_losses["before"])
+    assert "my_gqa_cost: all checks passed" in capsys.readouterr().out
+
+
+def test_gqa_cost_stub(assert_not_done):
+    assert_not_done(lambda: checks.check_gqa_cost(None))
+
+
+@pytest.mark.parametrize("wrong, match", [
+    (lambda r: r["two"], "pooled model's loss"),
+    (lambda r: r["before"] - r["two"], "sign is flipped"),
+    (lambda r: r["strided"] - r["before"], "consecutive query heads"),
+    (lambda r: r["two"] - r["before"] + 0.3, "evaluate both models"),
+])
+def test_gqa_cost_wrong_answers(gqa_losses, wrong, match):
+    with pytest.raises(AssertionError, match=match):
+        checks.check_gqa_cost(wrong(gqa_losses))
 
 
 def test_checks_leave_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    checks.check_layer_norm(layer_norm)
     checks.check_apply_rope(apply_rope)
+    checks.check_modern_param_count(modern_count)
+    checks.check_rope_values("b")
     assert torch.equal(torch.rand(3), before)

@@ -9,17 +9,15 @@ top to bottom goes on past it; `python -m kvlab.student grade` counts that line 
 Every public check is wrapped in `learner_check` (see `_common`).
 
 Each chapter's checks live in their own module and are re-exported here, so a notebook writes
-`from kvlab import checks` and calls `checks.check_causal_mask(my_causal_mask)`.
+`from kvlab import checks` and calls `checks.check_alibi_bias(my_alibi_bias)`.
 """
 
 from ._common import ExerciseNotDone, is_not_done_line, learner_check, passed, require_answer  # noqa: F401
-from .attention import check_attention, check_causal_mask, check_multi_head_attention, check_repeat_kv  # noqa: F401
-from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_linear, check_layer_norm,  # noqa: F401
-                  check_rms_norm)
+from .attention import check_alibi_bias, check_entropy_ratio, check_multi_head_attention, check_pool_kv  # noqa: F401
+from .gpt import check_apply_rope, check_gqa_cost, check_modern_param_count, check_rope_values  # noqa: F401
 from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
                        check_sliding_window_mask)
-from .tokens import (check_bpe_encode, check_char_tokenizer, check_get_batch, check_merge,  # noqa: F401
-                     check_most_frequent_pair)
+from .tokens import check_bpe_encode, check_domain_ratio, check_nats_per_char, check_stream_decode  # noqa: F401
 from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_mask  # noqa: F401
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)

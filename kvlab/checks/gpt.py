@@ -1,12 +1,12 @@
-"""Checks for chapter 3's exercises: LayerNorm, RMSNorm, GPT-2's parameter count, RoPE, and
-converting a Hugging Face `Conv1D` to an `nn.Linear`.
+"""Checks for chapter 3's exercises: RoPE, a modern decoder's parameter count, what RoPE on the
+values would break, and the experiment that pools the shipped model's key/value heads.
 
-Each check compares the learner's function with an independent reference (PyTorch's
-`F.layer_norm`, kvlab's `RMSNorm`, `rope_cos_sin` + `apply_rope`, a `GPT` built on the meta
-device) on several shapes, small cases first. Before the generic hint, a check recognises the
-classic wrong answers (unbiased variance, eps outside the square root, a subtracted mean, a tied
-head counted twice, interleaved RoPE pairs, a missing transpose) and names the mistake without
-writing the answer. Inputs come from a private `torch.Generator`, so a check never moves the
+Each check compares the learner's answer with an independent reference (`rope_cos_sin` +
+`apply_rope`, a `GPT` built on the meta device, attention run live, the shipped model evaluated
+live) on several cases, small ones first. Before the generic hint, a check recognises the
+classic wrong answers (interleaved RoPE pairs, a tied output layer in an untied model, key and
+value heads counted as query heads, heads pooled in the wrong groups) and names the mistake
+without writing the answer. Inputs come from a private `torch.Generator`, so a check never moves the
 notebook's global random state. Built in chapter 3.
 """
 
@@ -16,20 +16,21 @@ import numbers
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..attention import apply_rope
+from ..attention import apply_rope, attention_reference, causal_mask
 from ..gpt import GPT, GPTConfig
-from ..layers import RMSNorm, rope_cos_sin
-from ._common import call_learner, close, passed, learner_check
+from ..layers import rope_cos_sin
+from ._common import call_learner, close, learner_check, passed, require_answer
 
 __all__ = [
-    "check_layer_norm",
-    "check_rms_norm",
-    "check_gpt2_param_count",
     "check_apply_rope",
-    "check_hf_conv1d_to_linear",
+    "check_modern_param_count",
+    "check_rope_values",
+    "check_gqa_cost",
+    "gqa_eval_ids",
+    "pool_model_kv",
+    "ROPE_VALUE_CHOICES",
 ]
 
 
@@ -46,157 +47,6 @@ def _matches(actual, expected: Tensor, atol: float = 1e-5, rtol: float = 1e-5) -
 def _check_untouched(name: str, before: Tensor, after: Tensor, where: str) -> None:
     if not torch.equal(before, after):
         raise AssertionError(f"[{where}] {name} changed your input `x` in place; return a new tensor instead.")
-
-
-# --------------------------------------------------------------------------- LayerNorm
-
-
-def _norm_cases(g: torch.Generator):
-    """(x, eps) pairs: one position, a batch of sequences, 4-D input, an eps large enough to
-    matter, inputs with a large mean, and a nearly constant input where eps dominates."""
-    yield torch.randn(1, 1, 8, generator=g), 1e-5
-    yield torch.randn(2, 5, 16, generator=g), 1e-5
-    yield torch.randn(3, 2, 4, 32, generator=g), 1e-5
-    yield torch.randn(2, 3, 6, generator=g), 0.5
-    yield 3.0 + 2.0 * torch.randn(4, 12, generator=g), 1e-5
-    yield 1e-3 * torch.randn(2, 7, 10, generator=g), 1e-4
-
-
-@learner_check
-def check_layer_norm(fn: Callable) -> None:
-    """`fn(x, weight, bias, eps) -> y`, LayerNorm over the last dimension of x (..., C), against
-    `torch.nn.functional.layer_norm` on several shapes and eps values."""
-    g = torch.Generator().manual_seed(3)
-    for x, eps in _norm_cases(g):
-        C = x.size(-1)
-        weight = 1.0 + 0.5 * torch.randn(C, generator=g)
-        bias = 0.5 * torch.randn(C, generator=g)
-        where = f"x {tuple(x.shape)}, eps={eps:g}"
-        x_in = x.clone()
-        got = call_learner(fn, x_in, weight.clone(), bias.clone(), eps, name="my_layer_norm")
-        _check_untouched("my_layer_norm", x, x_in, where)
-        expected = F.layer_norm(x, (C,), weight, bias, eps)
-        if _matches(got, expected, atol=1e-4, rtol=1e-4):
-            continue
-        mean = x.mean(-1, keepdim=True)
-        if _matches(got, (x - mean) / torch.sqrt(x.var(-1, keepdim=True, unbiased=True) + eps) * weight + bias):
-            raise AssertionError(
-                f"[{where}] your variance is the unbiased estimate (divided by C - 1). LayerNorm "
-                "divides by C; note that torch.var divides by C - 1 unless you ask otherwise.")
-        var = x.var(-1, keepdim=True, unbiased=False)
-        if _matches(got, (x - mean) / (torch.sqrt(var) + eps) * weight + bias):
-            raise AssertionError(
-                f"[{where}] eps is added after the square root. It belongs inside: it is added to "
-                "the variance, which is what keeps a nearly constant input from being blown up.")
-        if eps >= 1e-4 and _matches(got, (x - mean) / torch.sqrt(var) * weight + bias, atol=1e-4, rtol=1e-4):
-            raise AssertionError(f"[{where}] your result ignores eps; use the eps argument, not a constant.")
-        if _matches(got, (x - mean) / torch.sqrt(var + eps)):
-            raise AssertionError(f"[{where}] you normalised correctly but did not apply weight and bias.")
-        close(got, expected,
-              f"[{where}] normalise each position over its C features (the last dimension): subtract "
-              "their mean, divide by the square root of their variance plus eps, then scale by weight "
-              "and shift by bias.", atol=1e-4, rtol=1e-4)
-    passed("my_layer_norm")
-
-
-# --------------------------------------------------------------------------- RMSNorm
-
-
-@learner_check
-def check_rms_norm(fn: Callable) -> None:
-    """`fn(x, weight, eps) -> y`, RMSNorm over the last dimension of x (..., C), against
-    `kvlab.layers.RMSNorm` on several shapes, including inputs whose mean is far from zero."""
-    g = torch.Generator().manual_seed(4)
-    for x, eps in _norm_cases(g):
-        C = x.size(-1)
-        weight = 1.0 + 0.5 * torch.randn(C, generator=g)
-        where = f"x {tuple(x.shape)}, eps={eps:g}"
-        x_in = x.clone()
-        got = call_learner(fn, x_in, weight.clone(), eps, name="my_rms_norm")
-        _check_untouched("my_rms_norm", x, x_in, where)
-        norm = RMSNorm(C, eps=eps)
-        with torch.no_grad():
-            norm.weight.copy_(weight)
-            expected = norm(x)
-        if _matches(got, expected, atol=1e-4, rtol=1e-4):
-            continue
-        ms = x.pow(2).mean(-1, keepdim=True)
-        if _matches(got, F.layer_norm(x, (C,), weight, None, eps), atol=1e-4, rtol=1e-4):
-            raise AssertionError(
-                f"[{where}] you subtracted the mean: that is LayerNorm. RMSNorm divides x by its root "
-                "mean square as it is, with no centring (the two agree only when the mean is zero).")
-        if _matches(got, x / (torch.sqrt(ms) + eps) * weight):
-            raise AssertionError(f"[{where}] eps is added after the square root; it belongs inside, "
-                                 "added to the mean square.")
-        if _matches(got, x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight):
-            raise AssertionError(f"[{where}] you used the sum of squares; RMSNorm uses their mean over the C features.")
-        if _matches(got, x * torch.rsqrt(ms + eps)):
-            raise AssertionError(f"[{where}] you normalised correctly but did not multiply by weight.")
-        close(got, expected,
-              f"[{where}] divide each position's C features by the square root of (the mean of their "
-              "squares + eps), then multiply by weight.", atol=1e-4, rtol=1e-4)
-    passed("my_rms_norm")
-
-
-# --------------------------------------------------------------------------- parameter count
-
-
-def _gpt2_count_on_meta(vocab_size: int, max_seq_len: int, d_model: int, n_layers: int) -> int:
-    """The count of a GPT-2-style kvlab GPT of this shape, built on the meta device (no memory)."""
-    # The head count changes how d_model is split, never the number of parameters.
-    config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model,
-                       n_layers=n_layers, n_heads=1)
-    with torch.device("meta"):
-        return GPT(config).num_params()
-
-
-_COUNT_CASES = [
-    (50257, 1024, 768, 12),  # gpt2
-    (256, 256, 64, 2),  # kvlab's "tiny"
-    (10, 4, 8, 1),
-    (1000, 64, 32, 3),
-    (50257, 1024, 1024, 24),  # gpt2-medium
-    (50257, 1024, 1600, 48),  # gpt2-xl
-]
-
-
-@learner_check
-def check_gpt2_param_count(fn: Callable) -> None:
-    """`fn(vocab_size, max_seq_len, d_model, n_layers) -> int` against the parameter count of a
-    GPT-2-style `kvlab.GPT` built on the meta device, for GPT-2's own sizes and small shapes."""
-    for V, P, C, L in _COUNT_CASES:
-        where = f"vocab_size={V}, max_seq_len={P}, d_model={C}, n_layers={L}"
-        got = call_learner(fn, V, P, C, L, name="gpt2_param_count")
-        if isinstance(got, Tensor) and got.numel() == 1 and not got.dtype.is_floating_point:
-            got = int(got)
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise AssertionError(f"[{where}] return an int (a count of parameters), got {type(got).__name__} {got!r}")
-        expected = _gpt2_count_on_meta(V, P, C, L)
-        diff = int(got) - expected
-        if diff == 0:
-            continue
-        biases = L * (3 * C + C + 4 * C + C)  # qkv, out, fc, proj
-        norms = (2 * L + 1) * 2 * C  # two LayerNorms per block and the final one, weight and bias each
-        hints = {
-            V * C: "you counted the output layer's V·C weights, but GPT-2 ties them to the token "
-                   "embedding: the same matrix, counted once.",
-            -P * C: "you left out the learned position embeddings (one row per position).",
-            -biases: "you left out the biases of the linear layers.",
-            -norms: "you left out the LayerNorms' parameters (two per block plus the final one).",
-            -norms // 2: "each LayerNorm has a bias as well as a weight.",
-            -2 * C: "you left out the final LayerNorm before the output layer.",
-            -(2 * L) * 2 * C: "you left out the two LayerNorms inside each block.",
-            -V * C: "you left out the token embedding (which is also the output layer).",
-        }
-        hint = hints.get(diff)
-        if hint is None and diff % L == 0 and abs(diff // L) in (C * C, 4 * C * C, 8 * C * C):
-            hint = ("a block's matrix parameters are off: count qkv (C → 3C), out (C → C), fc (C → 4C) "
-                    "and proj (4C → C).")
-        if hint is None:
-            hint = ("go through one block piece by piece (two LayerNorms, qkv, out, fc, proj, each "
-                    "Linear with a bias), then add the embeddings and the final LayerNorm.")
-        raise AssertionError(f"[{where}] got {int(got):,}, expected {expected:,} (off by {diff:+,}): {hint}")
-    passed("gpt2_param_count")
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -267,40 +117,195 @@ def check_apply_rope(fn: Callable) -> None:
     passed("my_apply_rope")
 
 
-# --------------------------------------------------------------------------- Conv1D -> Linear
+# --------------------------------------------------------------------------- a modern decoder's parameter count
+
+_MODERN = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False)
+
+
+def _modern_count_on_meta(vocab_size: int, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,
+                          d_ff: int) -> int:
+    """The count of a Llama-style kvlab GPT of this shape, built on the meta device (no memory)."""
+    config = GPTConfig(vocab_size=vocab_size, max_seq_len=16, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, d_ff=d_ff, **_MODERN)
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+_MODERN_CASES = [
+    (256, 64, 2, 4, 2, 192),  # kvlab's "tiny-modern"
+    (10, 8, 1, 2, 1, 16),
+    (1000, 32, 3, 4, 4, 96),  # no sharing: multi-head attention
+    (32000, 4096, 32, 32, 8, 11008),  # a Llama-2-7B-like shape with grouped-query attention
+    (50257, 768, 12, 12, 1, 2048),  # one key/value head: multi-query attention
+]
+
+
+def _modern_wrong_counts(V: int, C: int, L: int, H: int, Hkv: int, F: int) -> list[tuple[int, str]]:
+    D = C // H
+    attn, mlp, norms = 2 * C * C + 2 * C * Hkv * D, 3 * C * F, 2 * C
+    right = 2 * V * C + L * (attn + mlp + norms) + C
+    return [
+        (right - V * C, "the output layer is not tied here: it is a second V × C matrix"),
+        (right + L * 2 * C * (H - Hkv) * D, "the key and value projections have n_kv_heads · D rows each, not C"),
+        (right - L * C * F, "a SwiGLU MLP has three matrices (gate, up and down), not two"),
+        (right + 16 * C, "RoPE has no parameters: there is no position table"),
+        (right + L * 3 * C + C, "RMSNorm has a weight but no bias"),
+        (right - L * 2 * C - C, "each block has two norms and the model a final one, each with C weights"),
+    ]
 
 
 @learner_check
-def check_hf_conv1d_to_linear(fn: Callable) -> None:
-    """`fn(weight, bias) -> nn.Linear`, where a Hugging Face `Conv1D` computes x @ weight + bias
-    with weight (in, out): the returned layer must compute the same function."""
-    g = torch.Generator().manual_seed(6)
-    for n_in, n_out in [(4, 4), (8, 24), (16, 8), (64, 64)]:
-        where = f"weight ({n_in}, {n_out})"
-        weight = torch.randn(n_in, n_out, generator=g)
-        bias = torch.randn(n_out, generator=g)
-        w_in, b_in = weight.clone(), bias.clone()
-        layer = call_learner(fn, w_in, b_in, name="hf_conv1d_to_linear")
-        if not isinstance(layer, nn.Linear):
-            raise AssertionError(f"[{where}] return a torch.nn.Linear, got {type(layer).__name__}")
-        if (layer.in_features, layer.out_features) != (n_in, n_out):
-            raise AssertionError(
-                f"[{where}] your Linear maps {layer.in_features} → {layer.out_features} features; the "
-                f"Conv1D maps {n_in} → {n_out}.")
-        if tuple(layer.weight.shape) != (n_out, n_in):
-            raise AssertionError(
-                f"[{where}] your Linear's weight has shape {tuple(layer.weight.shape)}; nn.Linear keeps its "
-                "weight as (out_features, in_features).")
-        if layer.bias is None:
-            raise AssertionError(f"[{where}] your Linear has no bias; the Conv1D has one.")
-        x = torch.randn(3, 5, n_in, generator=g)
-        with torch.no_grad():
-            y = layer(x)
-        if n_in == n_out and _matches(y, x @ weight.t() + bias):
-            raise AssertionError(
-                f"[{where}] your layer computes x @ weight.T + bias. Conv1D stores its weight as "
-                "(in, out) and nn.Linear as (out, in): one of the two layouts has to be transposed.")
-        close(y, x @ weight + bias, f"[{where}] the Linear must compute x @ weight + bias, as the Conv1D does.")
-        if not torch.equal(w_in, weight) or not torch.equal(b_in, bias):
-            raise AssertionError(f"[{where}] hf_conv1d_to_linear changed the tensors you passed it.")
-    passed("hf_conv1d_to_linear")
+def check_modern_param_count(fn: Callable) -> None:
+    """`fn(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff) -> int` against a Llama-style
+    `kvlab.GPT` (RMSNorm, SwiGLU, RoPE, no biases, untied output layer) built on the meta device."""
+    for case in _MODERN_CASES:
+        where = "my_modern_param_count(vocab_size={}, d_model={}, n_layers={}, n_heads={}, n_kv_heads={}, d_ff={})"
+        where = where.format(*case)
+        got = call_learner(fn, *case, name="my_modern_param_count")
+        if isinstance(got, Tensor) and got.numel() == 1 and not got.is_floating_point():
+            got = int(got.item())
+        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
+            raise AssertionError(f"{where}: return an int, got {type(got).__name__} ({got!r})")
+        expected = _modern_count_on_meta(*case)
+        if got == expected:
+            continue
+        for wrong, hint in _modern_wrong_counts(*case):
+            if got == wrong:
+                raise AssertionError(f"{where}: got {got:,}: {hint}.")
+        raise AssertionError(f"{where}: got {got:,}, which is {'more' if got > expected else 'less'} than the "
+                             "model has. Count one block's tensors (two norms, the four attention projections, "
+                             "the MLP's matrices), then the token embedding, the final norm and the output layer.")
+    passed("my_modern_param_count")
+
+
+# --------------------------------------------------------------------------- RoPE on the values too
+
+ROPE_VALUE_CHOICES = {
+    "a": "the attention weights change",
+    "b": "the output for the same tokens depends on where the sequence starts, not only on the distances "
+         "between its tokens",
+    "c": "a query can now read keys and values after its own position",
+    "d": "nothing: the rotations cancel out",
+}
+
+
+def _rope_value_facts() -> dict[str, bool]:
+    """Which of ROPE_VALUE_CHOICES hold, measured on one random attention layer with RoPE on q and k
+    (the usual way) and with RoPE on q, k and v."""
+    g = torch.Generator().manual_seed(21)
+    T, D = 6, 8
+    q, k, v = (torch.randn(1, 2, T, D, generator=g) for _ in range(3))
+    mask = causal_mask(T)
+
+    def run(values: Tensor, offset: int, rotate_values: bool) -> tuple[Tensor, Tensor]:
+        cos, sin = rope_cos_sin(torch.arange(T) + offset, D)
+        v_in = apply_rope(values, cos, sin) if rotate_values else values
+        return attention_reference(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v_in, mask)
+
+    out_qk, w_qk = run(v, 0, False)
+    out_qkv, w_qkv = run(v, 0, True)
+    shifted_qk, _ = run(v, 10, False)
+    shifted_qkv, _ = run(v, 10, True)
+    later = v.clone()
+    later[..., -1, :] += 1.0  # change only the last token's value
+    out_later, _ = run(later, 0, True)
+    return {
+        "a": not torch.allclose(w_qk, w_qkv),
+        "b": torch.allclose(shifted_qk, out_qk, atol=1e-5) and not torch.allclose(shifted_qkv, out_qkv, atol=1e-3),
+        "c": not torch.allclose(out_later[..., :-1, :], out_qkv[..., :-1, :]),
+        "d": torch.allclose(out_qkv, out_qk, atol=1e-5),
+    }
+
+
+_ROPE_VALUE_HINTS = {
+    "a": "the weights are a softmax of q·k alone: compute them with and without rotating v and compare.",
+    "c": "the causal mask is applied to the scores, and rotating v changes no score: change the last token's "
+         "value and see which outputs move.",
+    "d": "the rotation of v is not undone anywhere: each value keeps its key's angle into the weighted sum. "
+         "Run the same tokens at positions 0.. and 10.. and compare the outputs.",
+}
+
+
+@learner_check
+def check_rope_values(answer: str) -> None:
+    """`answer`: the letter of the statement in ROPE_VALUE_CHOICES that holds, decided live by
+    running attention with RoPE on the values too."""
+    answer = require_answer(answer, "my_rope_answer")
+    if not isinstance(answer, str) or answer.strip().lower() not in ROPE_VALUE_CHOICES:
+        raise AssertionError(f"my_rope_answer should be one of the letters {sorted(ROPE_VALUE_CHOICES)}, got {answer!r}")
+    letter = answer.strip().lower()
+    facts = _rope_value_facts()
+    if facts[letter]:
+        passed("my_rope_answer")
+        return
+    raise AssertionError(f"({letter}) {ROPE_VALUE_CHOICES[letter]}: it does not. {_ROPE_VALUE_HINTS.get(letter, '')}")
+
+
+# --------------------------------------------------------------------------- experiment: MHA -> GQA on the shipped model
+
+GQA_EVAL_WINDOWS = 8  # consecutive 128-character windows from the start of the validation split
+
+
+def pool_model_kv(model: GPT, n_kv_heads: int, *, consecutive: bool = True) -> GPT:
+    """A copy of a multi-head `model` with `n_kv_heads` key/value heads, each the mean of a group of
+    the original heads (consecutive heads, as grouped-query attention shares them)."""
+    from .attention import pool_kv_reference
+
+    config = GPTConfig(**{**model.config.to_dict(), "n_kv_heads": n_kv_heads})
+    state = dict(model.state_dict())
+    for name, tensor in state.items():
+        if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
+            if not consecutive:  # group heads h, h + n_kv_heads, ...: reorder them, then pool
+                C, D = config.d_model, config.head_dim
+                q, k, v = tensor.split([C, C, C])
+                order = torch.arange(config.n_heads).view(-1, n_kv_heads).T.reshape(-1)
+
+                def regroup(t: Tensor) -> Tensor:
+                    return t.reshape(config.n_heads, D, *t.shape[1:])[order].reshape(C, *t.shape[1:])
+
+                tensor = torch.cat([q, regroup(k), regroup(v)])
+            state[name] = pool_kv_reference(tensor, config.n_heads, n_kv_heads)
+    with torch.random.fork_rng(devices=[]):
+        pooled = GPT(config)
+    pooled.load_state_dict(state, strict=False)  # the tied output layer follows tok_emb
+    return pooled.eval()
+
+
+def gqa_eval_ids(tokenizer) -> Tensor:
+    """The ids the experiment evaluates on: the start of the validation split, GQA_EVAL_WINDOWS windows."""
+    from ..data import load_shakespeare_text, train_val_split
+
+    _, val_text = train_val_split(load_shakespeare_text())
+    return torch.tensor(tokenizer.encode(val_text[: GQA_EVAL_WINDOWS * 128 + 1]), dtype=torch.long)
+
+
+@learner_check
+def check_gqa_cost(answer: float) -> None:
+    """`answer`: how many nats per character the shipped model's validation loss rises when its 4
+    key/value heads are mean-pooled into 2, measured here with `evaluate_split` within 0.02."""
+    answer = require_answer(answer, "my_gqa_cost")
+    if isinstance(answer, Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
+        raise AssertionError(f"my_gqa_cost should be a number (nats per character), got {type(answer).__name__}")
+    from ..pretrained import load_shakespeare
+    from ..train import evaluate_split
+
+    model, tokenizer = load_shakespeare()
+    ids = gqa_eval_ids(tokenizer)
+    before = evaluate_split(model, ids, 128)
+    after = evaluate_split(pool_model_kv(model, 2), ids, 128)
+    if abs(answer - (after - before)) <= 0.02:
+        passed("my_gqa_cost")
+        return
+    if abs(answer - after) <= 0.02:
+        hint = "that is the pooled model's loss; the question asks how much it rose from the original's."
+    elif abs(answer + (after - before)) <= 0.02:
+        hint = "the sign is flipped: the pooled model's loss minus the original's."
+    elif abs(answer - (evaluate_split(pool_model_kv(model, 2, consecutive=False), ids, 128) - before)) <= 0.02:
+        hint = ("you pooled heads 0 and 2, 1 and 3: grouped-query attention shares a key/value head between "
+                "consecutive query heads (0 and 1, 2 and 3), so pool those.")
+    else:
+        hint = (f"evaluate both models with kvlab.train.evaluate_split on the first {GQA_EVAL_WINDOWS} windows "
+                "of 128 characters of the validation split, block_size=128.")
+    raise AssertionError(f"my_gqa_cost = {answer:.3g} is not what this machine measures: {hint}")
