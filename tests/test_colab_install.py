@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,7 +128,14 @@ def _clean_env(tmp: Path) -> dict:
     return env
 
 
-def test_a_fresh_colab_runtime_runs_every_chapters_setup(tmp_path: Path) -> None:
+def test_a_fresh_colab_runtime_runs_every_chapters_setup() -> None:
+    # Its own temporary folder, not pytest's tmp_path: pytest removes old base folders when
+    # another session starts, which can pull the environment away in the middle of a run.
+    with tempfile.TemporaryDirectory(prefix="kvlab-colab-") as tmp:
+        _simulate(Path(tmp))
+
+
+def _simulate(tmp_path: Path) -> None:
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is not installed: the simulation installs kvlab from a git clone of this repository")
@@ -148,7 +156,9 @@ def test_a_fresh_colab_runtime_runs_every_chapters_setup(tmp_path: Path) -> None
 
     # A Colab runtime: PyTorch and IPython are there before the chapter's first cell.
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv], cwd=work, env=env, what="venv")
+    # --upgrade-deps: a current pip, as Colab has (the pip that ensurepip bundles may be too old to
+    # read a git+file:/// requirement).
+    _run([sys.executable, "-m", "venv", "--upgrade-deps", venv], cwd=work, env=env, what="venv")
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     torch_spec = f"torch=={torch.__version__.split('+')[0]}"
     index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
