@@ -9,10 +9,10 @@ offline, Tiny Shakespeare from a local verified copy), every chapter's setup cel
 code cells up to the one that imports kvlab), and the files the chapters read load from the
 installed package: the shipped Shakespeare model, every recorded benchmark, the corpus.
 
-It tests the committed HEAD, not uncommitted edits. pip may download from the package index
-(transformers and the rest; torch honours pip's configuration, e.g. a local wheel); set
-TORCH_INDEX_URL (as for `make setup`) to fetch torch from another index. About 1-3 minutes,
-most of it pip.
+It tests the committed HEAD, not uncommitted edits. PyTorch and IPython stand for the ones a
+Colab runtime has preinstalled: those of the environment running the test, linked in, not
+installed again. pip downloads the rest from the package index (transformers, ipywidgets,
+matplotlib, ...), as on Colab. Most of the time is that pip install.
 """
 
 from __future__ import annotations
@@ -117,13 +117,44 @@ def _run(cmd: list, *, cwd: Path, env: dict, what: str) -> None:
         pytest.fail(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
 
 
+def _link_distributions(names: list[str], dest: Path) -> set[str]:
+    """Symlink the installed distributions `names`, and every one they require, into `dest`:
+    their packages, modules and .dist-info folders, so that Python and pip see them installed."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    dest.mkdir()
+    found: dict[str, metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in found:
+            continue
+        found[name] = dist = metadata.distribution(name)
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    for dist in found.values():
+        tops = {Path(str(f)).parts[0] for f in dist.files or []} - {"..", "__pycache__"}
+        for top in tops:
+            source = Path(str(dist.locate_file(top)))
+            if source.exists() and not (dest / top).exists():
+                (dest / top).symlink_to(source)
+    return set(found)
+
+
 def _clean_env(tmp: Path) -> dict:
     """The environment of a fresh runtime: nothing of this checkout or its virtual environment."""
     env = {k: v for k, v in os.environ.items()
            if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP"} and not k.startswith("JPY")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if not p.startswith(str(Path(sys.prefix))))
-    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", MPLBACKEND="Agg",
+    # PIP_NO_COMPILE: no .pyc for every installed file up front (transformers alone has
+    # thousands); Python compiles what it imports.
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PIP_NO_COMPILE="1", MPLBACKEND="Agg",
                IPYTHONDIR=str(tmp / "ipython"), MPLCONFIGDIR=str(tmp / "mpl"))
     return env
 
@@ -154,16 +185,22 @@ def _simulate(tmp_path: Path) -> None:
     clone = tmp_path / "kvlab"
     _run([git, "clone", "--quiet", "--no-hardlinks", ROOT, clone], cwd=work, env=env, what="git clone")
 
-    # A Colab runtime: PyTorch and IPython are there before the chapter's first cell.
+    # A Colab runtime has pip, PyTorch and IPython before the chapter's first cell. PyTorch and
+    # IPython (with what they require) are the ones this test runs with, linked in through a
+    # .pth file rather than unpacked again (a 700 MB copy of torch would take most of the time).
+    # pip goes into the venv itself, a current one as on Colab (the one `venv` bundles may be
+    # too old to read a git+file:/// requirement).
     venv = tmp_path / "venv"
-    # --upgrade-deps: a current pip, as Colab has (the pip that ensurepip bundles may be too old to
-    # read a git+file:/// requirement).
-    _run([sys.executable, "-m", "venv", "--upgrade-deps", venv], cwd=work, env=env, what="venv")
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work, env=env, what="venv")
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    torch_spec = f"torch=={torch.__version__.split('+')[0]}"
-    index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
-    _run([python, "-m", "pip", "install", "-q", torch_spec, *index], cwd=work, env=env, what=f"pip install {torch_spec}")
-    _run([python, "-m", "pip", "install", "-q", "ipython"], cwd=work, env=env, what="pip install ipython")
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "pip>=24"], cwd=work, env=env,
+         what="pip install pip")
+    preinstalled = tmp_path / "preinstalled"
+    linked = _link_distributions(["torch", "ipython"], preinstalled)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "colab_preinstalled.pth").write_text(f"{preinstalled}\n")
+    print(f"preinstalled (linked): {len(linked)} distributions: {', '.join(sorted(linked))}")
 
     # The chapter's first cell, with the repository's URL replaced by the clone's.
     here = cell.replace(f"git+{url}", f"git+{clone.as_uri()}")
