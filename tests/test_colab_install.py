@@ -193,12 +193,12 @@ def _simulate(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work, env=env, what="venv")
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "pip>=24"], cwd=work, env=env,
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, "pip>=24"], cwd=work, env=env,
          what="pip install pip")
     preinstalled = tmp_path / "preinstalled"
     linked = _link_distributions(["torch", "ipython"], preinstalled)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "colab_preinstalled.pth").write_text(f"{preinstalled}\n")
     print(f"preinstalled (linked): {len(linked)} distributions: {', '.join(sorted(linked))}")
 
