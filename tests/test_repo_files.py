@@ -182,3 +182,10 @@ def test_set_repository_moves_every_copy(tmp_path):
         assert not set_repository.literal_url(old_url).search(path.read_text(encoding="utf-8")), path
     with pytest.raises(SystemExit, match="https://github.com/ORG/REPO"):
         set_repository.set_repository("git@github.com:someone/kvlab.git", tmp_path)
+
+
+def test_kvlab_downloads_no_course_file():
+    """The only download left in kvlab is Tiny Shakespeare, from its public source."""
+    for path in sorted((ROOT / "kvlab").rglob("*.py")):
+        for url in re.findall(r"https://raw\.githubusercontent\.com/[^\s\"')]+", path.read_text(encoding="utf-8")):
+            assert url == kdata.SHAKESPEARE_URL, f"{path.relative_to(ROOT)} downloads {url}: ship the file in data/ instead"
