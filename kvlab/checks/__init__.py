@@ -17,10 +17,11 @@ from .attention import check_attention, check_causal_mask, check_multi_head_atte
 from .gpt import (check_apply_rope, check_gpt2_param_count, check_hf_conv1d_to_linear, check_layer_norm,  # noqa: F401
                   check_rms_norm)
 from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
-                       check_sliding_window_mask)
+                       check_modern_forward, check_sliding_window_mask, check_window_divergence)
 from .tokens import (check_bpe_encode, check_char_tokenizer, check_get_batch, check_merge,  # noqa: F401
                      check_most_frequent_pair)
-from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_mask  # noqa: F401
+from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_greedy_decode,  # noqa: F401
+                      check_padding_mask, check_saved_projections)
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
 from .training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups  # noqa: F401
