@@ -162,7 +162,9 @@ def _run(what: str, hint: str, fn, *args, **kwargs):
 
 @learner_check
 def check_concat_cache(cache_class) -> None:
-    """`cache_class()` makes one layer's concat cache with key_positions/update/reset/length."""
+    """`cache_class()` makes one layer's dynamic cache with key_positions/update/reset/length, which grows
+    without copying every cached key at every step (the chapter's `torch.cat` cache fails on that last
+    point only: its keys move to a new tensor at every decode step)."""
     try:
         probe = cache_class()
     except NotImplementedError as err:
