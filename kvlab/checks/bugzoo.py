@@ -105,7 +105,8 @@ def _guard(label: str, fn, *args, **kwargs):
         with torch.no_grad():
             return fn(*args, **kwargs)
     except NotImplementedError as err:
-        raise ExerciseNotDone("the cache is not written yet: replace each `raise NotImplementedError`") from err
+        who = label[1:].split("]")[0].split(",")[0] if label.startswith("[") else "the cache"  # "[Name, ...]"
+        raise ExerciseNotDone(f"{who} is not written yet: replace each `raise NotImplementedError`") from err
     except AssertionError:
         raise
     except Exception as err:  # a shape error, an index past the end, a ValueError from the model...

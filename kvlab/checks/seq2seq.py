@@ -104,7 +104,8 @@ def check_cross_attention(fn: Callable) -> None:
         k_full, v_full = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, D)
         if G > 1 and isinstance(got, torch.Tensor) and got.shape == q.shape:
             tiled = _variant(q, k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1), pad_mask)
-            if torch.allclose(got, tiled, atol=1e-5) and not torch.allclose(tiled, _variant(q, k_full, v_full, pad_mask)):
+            grouped = _variant(q, k_full, v_full, pad_mask)
+            if torch.allclose(got, tiled, atol=1e-5) and not torch.allclose(tiled, grouped):
                 raise AssertionError(f"[{where}] key/value head j serves query heads j*G .. j*G+G-1 (G = {G}): "
                                      "repeat each head G times in place, not the whole stack of heads.")
         k, v = k_full, v_full
@@ -258,8 +259,9 @@ def check_cross_kv_for_samples(fn: Callable) -> None:
         where = f"[{label}]"
         B = src.size(0)
         if not isinstance(got, (list, tuple)) or len(got) != c.n_layers:
+            length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
             raise AssertionError(f"{where} return a list with one (k, v) pair per decoder layer ({c.n_layers}), "
-                                 f"got {type(got).__name__}" + (f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""))
+                                 f"got {type(got).__name__}{length}")
         for i, (pair, (k_exp, v_exp)) in enumerate(zip(got, expected)):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise AssertionError(f"{where} layer {i}: expected a (k, v) pair")
