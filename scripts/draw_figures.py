@@ -776,7 +776,7 @@ FIGURES: list[tuple[Figure, object]] = [
         note=("{numref}`fig-ch07_filters` puts the three rules side by side, on a confident "
               "step and an unsure one, as the cell above did for min-p.")), draw_filters),
     (Figure(
-        name="ch08_cross_cache", notebook="08_seq2seq", after="seq2seq-030",
+        name="ch08_cross_cache", notebook="08_seq2seq", after="37edf79b",
         alt=("Left: the source 3, 1, 4, EOS goes through the encoder blocks, without a causal "
              "mask, once, giving the memory M; each decoder layer projects M once into cross keys "
              "and values, the cross cache, which never changes. Right: three decoder steps, fed "

@@ -17,7 +17,7 @@ import kvlab
 from kvlab import bugzoo
 from kvlab.cache import DynamicLayerCache, SlidingWindowLayerCache, StaticLayerCache
 from kvlab.checks import bugzoo as checks
-from kvlab.checks._common import ExerciseNotDone
+from kvlab.checks._common import ExerciseNotDone, is_not_done_line
 
 CHECKS = [checks.check_keys_values, checks.check_decode_positions, checks.check_chunked_prefill_mask,
           checks.check_reset_between_prompts, checks.check_window_eviction]
@@ -206,15 +206,31 @@ def test_a_class_without_kind_is_a_dynamic_cache():
 
 # -- stubs and misuse -------------------------------------------------------------------------
 
+def assert_not_done(capsys, name):
+    lines = capsys.readouterr().out.splitlines()
+    assert any(is_not_done_line(line) and name in line for line in lines), lines
+    assert not any(line.startswith("✓") for line in lines), lines
+
+
 @pytest.mark.parametrize("check", CHECKS + [checks.check_cache], ids=NAMES + ["check_cache"])
 @pytest.mark.parametrize("stub", [StubDynamic, StubSliding], ids=["methods", "constructor"])
-def test_checks_fail_on_a_stub(check, stub):
+def test_checks_report_a_stub_as_not_done(check, stub, capsys):
     if not applies(stub, check):  # a dynamic stub: the eviction check refuses it outright
         with pytest.raises(ValueError, match="sliding"):
             check(stub)
         return
-    with pytest.raises(ExerciseNotDone, match="not written yet"):
-        check(stub)
+    assert check(stub) is None  # a line, not an exception
+    assert_not_done(capsys, stub.__name__)
+    with pytest.raises(ExerciseNotDone, match="not written yet"):  # the undecorated check still raises
+        check.__wrapped__(stub)
+
+
+@pytest.mark.parametrize("name", bugzoo.SPECIMENS)
+def test_an_empty_fix_the_bug_stub_is_not_done(name, capsys):
+    """The chapter's stub `class FixedCacheX(bugzoo.CacheX): # your code here` overrides nothing."""
+    stub = type(f"Fixed{name}", (getattr(bugzoo, name),), {"__doc__": "your code here"})
+    assert checks.check_cache(stub) is None
+    assert_not_done(capsys, f"Fixed{name}")
 
 
 def test_misuse_is_a_clear_error():

@@ -1,10 +1,19 @@
 """The chapter 4 checks pass right answers and catch the stub and plausible wrong answers."""
 
+import functools
+
 import pytest
 import torch
 
 from kvlab.checks import kv_cache as checks
-from kvlab.checks._common import ExerciseNotDone
+from kvlab.checks._common import ExerciseNotDone, is_not_done_line
+
+
+def assert_not_done(capsys, name):
+    """The public check printed the "not done yet" line for `name` and returned without raising."""
+    lines = capsys.readouterr().out.splitlines()
+    assert any(is_not_done_line(line) and name in line for line in lines), lines
+    assert not any(line.startswith("✓") for line in lines), lines
 
 
 # -- my_kv_cache_bytes ------------------------------------------------------------------------
@@ -43,9 +52,11 @@ def test_bytes_passes_on_a_correct_answer(capsys):
     assert "passed" in capsys.readouterr().out
 
 
-def test_bytes_fails_on_the_stub():
-    with pytest.raises(ExerciseNotDone, match="not written yet"):
-        checks.check_kv_cache_bytes(kv_bytes_stub)
+def test_bytes_reports_the_stub_as_not_done(capsys):
+    assert checks.check_kv_cache_bytes(kv_bytes_stub) is None
+    assert_not_done(capsys, "my_kv_cache_bytes")
+    with pytest.raises(ExerciseNotDone, match="not written yet"):  # the undecorated check still raises
+        checks.check_kv_cache_bytes.__wrapped__(kv_bytes_stub)
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -122,9 +133,9 @@ def test_mask_passes_on_a_correct_answer(capsys):
     assert "passed" in capsys.readouterr().out
 
 
-def test_mask_fails_on_the_stub():
-    with pytest.raises(ExerciseNotDone):
-        checks.check_sliding_window_mask(window_mask_stub)
+def test_mask_reports_the_stub_as_not_done(capsys):
+    checks.check_sliding_window_mask(window_mask_stub)
+    assert_not_done(capsys, "my_sliding_window_mask")
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -142,6 +153,8 @@ def test_mask_fails_on_wrong_answers(wrong, hint):
 # -- MyConcatCache ----------------------------------------------------------------------------
 
 class ConcatCache:
+    """The chapter's cache: right, but torch.cat copies every cached key at every step."""
+
     def __init__(self):
         self.k = self.v = None
         self.length = 0
@@ -161,6 +174,52 @@ class ConcatCache:
     def reset(self):
         self.k = self.v = None
         self.length = 0
+
+
+class GrowingCache:
+    """The exercise's answer: spare room, doubled when full, new keys written in place."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def key_positions(self, input_pos):
+        return torch.arange(self.length + len(input_pos))
+
+    def update(self, k, v, input_pos):
+        B, H, T, D = k.shape
+        end = self.length + T
+        if self.k is None or end > self.k.size(2):
+            new_k, new_v = k.new_empty(B, H, max(2 * end, 16), D), v.new_empty(B, H, max(2 * end, 16), D)
+            if self.k is not None:
+                new_k[:, :, :self.length] = self.k[:, :, :self.length]
+                new_v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self):
+        self.length = 0
+
+
+class GrowingByOne(GrowingCache):
+    """Right tokens, but grows by exactly what is needed: a new buffer (and a full copy) every step."""
+
+    def update(self, k, v, input_pos):
+        B, H, T, D = k.shape
+        end = self.length + T
+        if self.k is None or end > self.k.size(2):
+            new_k, new_v = k.new_empty(B, H, end, D), v.new_empty(B, H, end, D)
+            if self.k is not None:
+                new_k[:, :, :self.length] = self.k[:, :, :self.length]
+                new_v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class ConcatCacheStub:
@@ -244,14 +303,14 @@ class ConcatWrongKeyPositions(ConcatCache):
 
 
 def test_concat_cache_passes_on_a_correct_answer(capsys):
-    checks.check_concat_cache(ConcatCache)
-    assert "passed" in capsys.readouterr().out
+    checks.check_concat_cache(GrowingCache)
+    assert "✓ MyConcatCache: all checks passed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stub", [ConcatCacheStub, ConcatCacheStubInit])
-def test_concat_cache_fails_on_the_stub(stub):
-    with pytest.raises(ExerciseNotDone):
-        checks.check_concat_cache(stub)
+def test_concat_cache_reports_the_stub_as_not_done(stub, capsys):
+    checks.check_concat_cache(stub)
+    assert_not_done(capsys, "MyConcatCache")
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -263,6 +322,8 @@ def test_concat_cache_fails_on_the_stub(stub):
     (ConcatNoLength, "length"),
     (ConcatSwapsKV, "greedy tokens differ"),
     (ConcatWrongKeyPositions, "chunks"),
+    (ConcatCache, "moved to a new address"),  # right tokens, but a full copy every step
+    (GrowingByOne, "moved to a new address"),
 ])
 def test_concat_cache_fails_on_wrong_answers(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
@@ -334,9 +395,9 @@ def test_chunked_prefill_passes_on_correct_answers(capsys):
     assert "passed" in capsys.readouterr().out
 
 
-def test_chunked_prefill_fails_on_the_stub():
-    with pytest.raises(ExerciseNotDone):
-        checks.check_chunked_prefill(chunked_prefill_stub)
+def test_chunked_prefill_reports_the_stub_as_not_done(capsys):
+    checks.check_chunked_prefill(chunked_prefill_stub)
+    assert_not_done(capsys, "my_chunked_prefill")
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -367,7 +428,154 @@ def test_checks_leave_the_global_random_stream_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    checks.check_concat_cache(ConcatCache)
+    checks.check_concat_cache(GrowingCache)
     checks.check_chunked_prefill(chunked_prefill)
     checks.check_sliding_window_mask(window_mask)
+    checks.check_modern_forward(modern_forward)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+# -- my_modern_forward -------------------------------------------------------------------------
+
+def modern_forward(model, idx, cache, input_pos):
+    """Written independently of the check's reference: SDPA, kvlab's repeat_kv and attention_mask."""
+    from kvlab.attention import apply_rope, attention_mask, repeat_kv
+    from kvlab.layers import rope_cos_sin
+
+    c = model.config
+    B, T = idx.shape
+    H, Hkv, D, C = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    cos, sin = rope_cos_sin(input_pos, D, c.rope_base)
+    window = cache.window if cache.kind == "sliding" else c.window
+    mask = attention_mask(input_pos, cache.key_positions(input_pos), window)
+    x = model.tok_emb(idx)
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.attn.qkv(blk.norm1(x)).split([C, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        k, v = cache.layers[i].update(k, v, input_pos)
+        y = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv),
+                                                             attn_mask=mask)
+        x = x + blk.attn.out(y.transpose(1, 2).reshape(B, T, C))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.lm_head(model.norm_f(x))
+
+
+def modern_forward_stub(model, idx, cache, input_pos):
+    raise NotImplementedError  # your code here
+
+
+def modern_forward_forgets_repeat_kv(model, idx, cache, input_pos):
+    """Attends q (H heads) to the cache's Hkv heads directly: the shapes do not broadcast."""
+    from kvlab.attention import apply_rope, attention_mask, attention_reference
+    from kvlab.layers import rope_cos_sin
+
+    c = model.config
+    B, T = idx.shape
+    H, Hkv, D, C = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    cos, sin = rope_cos_sin(input_pos, D, c.rope_base)
+    mask = attention_mask(input_pos, cache.key_positions(input_pos), cache.window)
+    x = model.tok_emb(idx)
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.attn.qkv(blk.norm1(x)).split([C, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        k, v = cache.layers[i].update(k, v.view(B, T, Hkv, D).transpose(1, 2), input_pos)
+        y, _ = attention_reference(q, k, v, mask)
+        x = x + blk.attn.out(y.transpose(1, 2).reshape(B, T, C))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.lm_head(model.norm_f(x))
+
+
+def modern_forward_repeats_before_the_cache(model, idx, cache, input_pos):
+    """Stores n_heads heads of keys in the cache: a static cache of n_kv_heads refuses them."""
+    from kvlab.attention import apply_rope, attention_mask, attention_reference
+    from kvlab.layers import rope_cos_sin
+
+    c = model.config
+    B, T = idx.shape
+    H, Hkv, D, C = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    cos, sin = rope_cos_sin(input_pos, D, c.rope_base)
+    mask = attention_mask(input_pos, cache.key_positions(input_pos), cache.window)
+    x = model.tok_emb(idx)
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.attn.qkv(blk.norm1(x)).split([C, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin).repeat_interleave(H // Hkv, dim=1)
+        v = v.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        k, v = cache.layers[i].update(k, v, input_pos)
+        y, _ = attention_reference(q, k, v, mask)
+        x = x + blk.attn.out(y.transpose(1, 2).reshape(B, T, C))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.lm_head(model.norm_f(x))
+
+
+def test_modern_forward_passes_on_correct_answers(capsys):
+    checks.check_modern_forward(modern_forward)
+    checks.check_modern_forward(checks._reference_forward)
+    assert capsys.readouterr().out.count("✓ my_modern_forward: all checks passed") == 2
+
+
+def test_modern_forward_reports_the_stub_as_not_done(capsys):
+    assert checks.check_modern_forward(modern_forward_stub) is None
+    assert_not_done(capsys, "my_modern_forward")
+    with pytest.raises(ExerciseNotDone):
+        checks.check_modern_forward.__wrapped__(modern_forward_stub)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (functools.partial(checks._reference_forward, rope_at="relative"), "absolute position"),
+    (functools.partial(checks._reference_forward, mask="top-left"), "aligned top-left"),
+    (functools.partial(checks._reference_forward, mask="no-window"), "cache.window"),
+    (functools.partial(checks._reference_forward, share="tile"), "repeat_interleave"),
+    (modern_forward_forgets_repeat_kv, "(?s)failed inside the model.*repeat_kv"),
+    (modern_forward_repeats_before_the_cache, "(?s)failed inside the model.*n_kv_heads"),
+], ids=["relative-rope", "top-left-mask", "no-window", "tiled-heads", "no-repeat-kv", "repeat-before-cache"])
+def test_modern_forward_fails_on_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint) as err:
+        checks.check_modern_forward(wrong)
+    assert not isinstance(err.value, ExerciseNotDone)
+
+
+# -- my_divergence_position (experiment) -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def divergence_case():
+    from kvlab.generate import generate
+
+    model = checks._model("gpt2", seed=3)
+    prompt = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(1))
+    full = generate(model, prompt, 60, temperature=0)
+    windowed = generate(model, prompt, 60, temperature=0, cache=model.new_cache(1, kind="sliding", window=8))
+    first = int((full != windowed)[0].nonzero()[0])
+    assert first > 8  # the case measures something: the answer is not the window itself
+    return model, prompt, first
+
+
+def test_divergence_passes_on_the_measured_answer(divergence_case, capsys):
+    model, prompt, first = divergence_case
+    checks.check_window_divergence(first, model, prompt, window=8, max_new_tokens=60)
+    checks.check_window_divergence(torch.tensor(first), model, prompt, window=8, max_new_tokens=60)
+    assert capsys.readouterr().out.count("✓ my_divergence_position: all checks passed") == 2
+
+
+def test_divergence_reports_no_answer_as_not_done(divergence_case, capsys):
+    model, prompt, _ = divergence_case
+    checks.check_window_divergence(None, model, prompt, window=8, max_new_tokens=60)
+    assert_not_done(capsys, "my_divergence_position")
+
+
+@pytest.mark.parametrize("offset, hint", [(-6, "generated tokens only"), (-1, "whose logits chose"),
+                                          (None, "measure it")])
+def test_divergence_fails_on_wrong_answers(divergence_case, offset, hint):
+    model, prompt, first = divergence_case
+    answer = 8 if offset is None else first + offset
+    with pytest.raises(AssertionError, match=hint):
+        checks.check_window_divergence(answer, model, prompt, window=8, max_new_tokens=60)
+
+
+def test_divergence_rejects_a_window_that_changes_nothing(divergence_case):
+    model, prompt, _ = divergence_case
+    with pytest.raises(ValueError, match="never differ"):
+        checks.check_window_divergence(10, model, prompt, window=200, max_new_tokens=20)

@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 
-from kvlab.checks._common import ExerciseNotDone
+from kvlab.checks._common import ExerciseNotDone, is_not_done_line
 from kvlab.checks.seq2seq import (
     _DECODE_CASES,
     _decode_case,
     check_cross_attention,
+    check_cross_kv_for_samples,
     check_greedy_decode,
     check_padding_mask,
+    check_saved_projections,
 )
 from kvlab.seq2seq import greedy_decode
 
@@ -20,10 +22,29 @@ def stub(*args, **kwargs):
     raise NotImplementedError  # your code here
 
 
+def assert_not_done(capsys, name):
+    """The public check printed the "not done yet" line for `name` and returned without raising."""
+    lines = capsys.readouterr().out.splitlines()
+    assert any(is_not_done_line(line) and name in line for line in lines), lines
+    assert not any(line.startswith("✓") for line in lines), lines
+
+
 # --------------------------------------------------------------------------- padding mask
 
 
-def padding_mask_solution(lengths, S):
+def padding_mask_solution(lengths, S, left=False):
+    if left:
+        return torch.arange(S)[None, :] >= S - lengths[:, None]
+    return torch.arange(S)[None, :] < lengths[:, None]
+
+
+def padding_mask_ignores_left(lengths, S, left=False):  # right padding whatever `left` says
+    return torch.arange(S)[None, :] < lengths[:, None]
+
+
+def padding_mask_left_off_by_one(lengths, S, left=False):
+    if left:
+        return torch.arange(S)[None, :] > S - lengths[:, None]
     return torch.arange(S)[None, :] < lengths[:, None]
 
 
@@ -48,9 +69,11 @@ def test_padding_mask_check_passes_a_solution(capsys):
     assert "my_padding_mask: all checks passed" in capsys.readouterr().out
 
 
-def test_padding_mask_check_fails_the_stub():
+def test_padding_mask_check_reports_the_stub_as_not_done(capsys):
+    assert check_padding_mask(stub) is None
+    assert_not_done(capsys, "my_padding_mask")
     with pytest.raises(ExerciseNotDone, match="not written yet"):
-        check_padding_mask(stub)
+        check_padding_mask.__wrapped__(stub)
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -58,6 +81,8 @@ def test_padding_mask_check_fails_the_stub():
     (padding_mask_off_by_one, "first and last positions"),
     (padding_mask_transposed, "one row per sequence"),
     (padding_mask_floats, "bool"),
+    (padding_mask_ignores_left, "left padding the padding comes first"),
+    (padding_mask_left_off_by_one, "left=True"),
 ])
 def test_padding_mask_check_fails_wrong_answers(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
@@ -68,13 +93,27 @@ def test_padding_mask_check_fails_wrong_answers(wrong, hint):
 
 
 def cross_attention_solution(q, k, v, pad_mask):
+    G = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     scores = scores.masked_fill(~pad_mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
 def cross_attention_sdpa(q, k, v, pad_mask):
+    G = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pad_mask[:, None, None, :])
+
+
+def cross_attention_no_gqa(q, k, v, pad_mask):  # right for H == Hkv, fails to broadcast otherwise
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    return scores.masked_fill(~pad_mask[:, None, None, :], float("-inf")).softmax(dim=-1) @ v
+
+
+def cross_attention_tiled_heads(q, k, v, pad_mask):  # kv heads repeated as a stack, not in groups
+    G = q.size(1) // k.size(1)
+    return cross_attention_no_gqa(q, k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1), pad_mask)
 
 
 def cross_attention_causal(q, k, v, pad_mask):
@@ -113,9 +152,9 @@ def test_cross_attention_check_passes_solutions(solution, capsys):
     assert "my_cross_attention: all checks passed" in capsys.readouterr().out
 
 
-def test_cross_attention_check_fails_the_stub():
-    with pytest.raises(ExerciseNotDone):
-        check_cross_attention(stub)
+def test_cross_attention_check_reports_the_stub_as_not_done(capsys):
+    check_cross_attention(stub)
+    assert_not_done(capsys, "my_cross_attention")
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -125,6 +164,8 @@ def test_cross_attention_check_fails_the_stub():
     (cross_attention_swapped, "which is which"),
     (cross_attention_fills_real_tokens, "NaN"),
     (cross_attention_with_weights, "not a tuple"),
+    (cross_attention_no_gqa, "(?s)failed with RuntimeError.*grouped-query"),
+    (cross_attention_tiled_heads, "in place, not the whole stack"),
 ])
 def test_cross_attention_check_fails_wrong_answers(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
@@ -248,9 +289,9 @@ def test_greedy_check_passes_a_solution(capsys):
     assert "my_greedy_decode: all checks passed" in capsys.readouterr().out
 
 
-def test_greedy_check_fails_the_stub():
-    with pytest.raises(ExerciseNotDone):
-        check_greedy_decode(stub)
+def test_greedy_check_reports_the_stub_as_not_done(capsys):
+    check_greedy_decode(stub)
+    assert_not_done(capsys, "my_greedy_decode")
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -273,4 +314,109 @@ def test_checks_leave_the_global_random_state_alone():
     check_greedy_decode(greedy_solution)
     check_cross_attention(cross_attention_solution)
     check_padding_mask(padding_mask_solution)
+    check_cross_kv_for_samples(cross_kv_solution)
     assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- cross K/V for several samples
+
+
+def cross_kv_solution(model, memory, n_samples):
+    out = []
+    for block in model.decoder:
+        k, v = block.cross_attn.project_memory(memory)
+        out.append((k.repeat_interleave(n_samples, 0), v.repeat_interleave(n_samples, 0)))
+    return out
+
+
+def cross_kv_expand(model, memory, n_samples):  # no copy at all: expanded views are fine
+    out = []
+    for block in model.decoder:
+        k, v = block.cross_attn.project_memory(memory)
+        B, H, S, D = k.shape
+        out.append(tuple(t[:, None].expand(B, n_samples, H, S, D).reshape(B * n_samples, H, S, D) for t in (k, v)))
+    return out
+
+
+def cross_kv_projects_repeated_memory(model, memory, n_samples):
+    return [block.cross_attn.project_memory(memory.repeat_interleave(n_samples, 0)) for block in model.decoder]
+
+
+def cross_kv_tiled(model, memory, n_samples):
+    return [tuple(t.repeat(n_samples, 1, 1, 1) for t in block.cross_attn.project_memory(memory))
+            for block in model.decoder]
+
+
+def cross_kv_per_sample(model, memory, n_samples):
+    out = []
+    for block in model.decoder:
+        pairs = [block.cross_attn.project_memory(memory) for _ in range(n_samples)]
+        k = torch.stack([p[0] for p in pairs], 1).flatten(0, 1)
+        v = torch.stack([p[1] for p in pairs], 1).flatten(0, 1)
+        out.append((k, v))
+    return out
+
+
+def cross_kv_swapped(model, memory, n_samples):
+    return [(v, k) for k, v in cross_kv_solution(model, memory, n_samples)]
+
+
+def cross_kv_first_layer_only(model, memory, n_samples):
+    kv = cross_kv_solution(model, memory, n_samples)[0]
+    return [kv for _ in model.decoder]
+
+
+@pytest.mark.parametrize("solution", [cross_kv_solution, cross_kv_expand])
+def test_cross_kv_check_passes_solutions(solution, capsys):
+    check_cross_kv_for_samples(solution)
+    assert "✓ my_cross_kv_for_samples: all checks passed" in capsys.readouterr().out
+
+
+def test_cross_kv_check_reports_the_stub_as_not_done(capsys):
+    check_cross_kv_for_samples(stub)
+    assert_not_done(capsys, "my_cross_kv_for_samples")
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (cross_kv_projects_repeated_memory, "times the work"),
+    (cross_kv_tiled, "wrong order"),
+    (cross_kv_per_sample, "projections 8 times for 2 layers"),
+    (cross_kv_swapped, "k holds the values"),
+    (cross_kv_first_layer_only, "each layer's own"),
+])
+def test_cross_kv_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_cross_kv_for_samples(wrong)
+
+
+# --------------------------------------------------------------------------- experiment: projections saved
+
+
+@pytest.fixture(scope="module")
+def projection_case():
+    model, src = _decode_case(dict(), 14, (5, 9, 2))
+    out = greedy_decode(model, src, 14)
+    return model, src, out.size(1)
+
+
+def test_saved_projections_passes_the_counted_answer(projection_case, capsys):
+    model, src, steps = projection_case
+    L = model.config.n_layers
+    check_saved_projections(L * (steps - 1), model, src, 14)
+    assert "✓ my_saved_projections: all checks passed" in capsys.readouterr().out
+
+
+def test_saved_projections_reports_no_answer_as_not_done(projection_case, capsys):
+    model, src, _ = projection_case
+    check_saved_projections(None, model, src, 14)
+    assert_not_done(capsys, "my_saved_projections")
+
+
+def test_saved_projections_fails_wrong_answers():
+    model, src = _decode_case(dict(n_layers=3, n_kv_heads=2), 14, (7, 3, 8, 1))  # every row stops early
+    steps, L = greedy_decode(model, src, 16).size(1), 3
+    assert steps < 16
+    for answer, hint in [(L * steps, "subtract it"), (L * 15, "count the calls"), (steps - 1, "every one of the"),
+                         (1, "forward hook")]:
+        with pytest.raises(AssertionError, match=hint):
+            check_saved_projections(answer, model, src, 16)

@@ -16,9 +16,10 @@ from ._common import ExerciseNotDone, is_not_done_line, learner_check, passed, r
 from .attention import check_alibi_bias, check_entropy_ratio, check_multi_head_attention, check_pool_kv  # noqa: F401
 from .gpt import check_apply_rope, check_gqa_cost, check_modern_param_count, check_rope_values  # noqa: F401
 from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
-                       check_sliding_window_mask)
+                       check_modern_forward, check_sliding_window_mask, check_window_divergence)
 from .tokens import check_bpe_encode, check_domain_ratio, check_nats_per_char, check_stream_decode  # noqa: F401
-from .seq2seq import check_cross_attention, check_greedy_decode, check_padding_mask  # noqa: F401
+from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_greedy_decode,  # noqa: F401
+                      check_padding_mask, check_saved_projections)
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
 from .training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups  # noqa: F401

@@ -105,7 +105,8 @@ def _guard(label: str, fn, *args, **kwargs):
         with torch.no_grad():
             return fn(*args, **kwargs)
     except NotImplementedError as err:
-        raise ExerciseNotDone("the cache is not written yet: replace each `raise NotImplementedError`") from err
+        who = label[1:].split("]")[0].split(",")[0] if label.startswith("[") else "the cache"  # "[Name, ...]"
+        raise ExerciseNotDone(f"{who} is not written yet: replace each `raise NotImplementedError`") from err
     except AssertionError:
         raise
     except Exception as err:  # a shape error, an index past the end, a ValueError from the model...
@@ -436,9 +437,14 @@ def check_window_eviction(cache_cls, window: int | None = None) -> None:
     passed(f"{name}: check_window_eviction (window {W})")
 
 
+_CLASS_BOOKKEEPING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                      "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__"}
+
+
 def _require_override(cache_cls) -> None:
     """A fix-the-bug stub subclasses a zoo cache and overrides nothing yet: not done, not failed."""
-    own = {k for k in vars(cache_cls) if not (k.startswith("__") and k.endswith("__"))}
+    # Everything the class body defines, __init__ included, but not the bookkeeping Python adds to every class.
+    own = {k for k in vars(cache_cls) if k not in _CLASS_BOOKKEEPING}
     zoo_bases = [b for b in cache_cls.__mro__[1:] if b.__module__ == "kvlab.bugzoo"]
     if not own and zoo_bases:
         raise ExerciseNotDone(f"{_name(cache_cls)} is not written yet: override the method that holds "

@@ -7,15 +7,18 @@ inside `torch.random.fork_rng`, so a check never changes the notebook's random s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
 
 import torch
 
-from ..attention import attention_mask
+from ..attention import apply_rope, attention_mask, attention_reference
 from ..cache import KVCache, kv_cache_bytes
 from ..generate import decode_step, generate
-from ..gpt import GPTConfig
-from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, passed,
+from ..gpt import GPT, GPTConfig
+from ..layers import rope_cos_sin
+from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, passed, require_answer,
                       small_model as _model)
 
 __all__ = [
@@ -23,10 +26,9 @@ __all__ = [
     "check_sliding_window_mask",
     "check_concat_cache",
     "check_chunked_prefill",
+    "check_modern_forward",
+    "check_window_divergence",
 ]
-
-
-
 
 
 def _prompt(B: int, T: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -160,7 +162,9 @@ def _run(what: str, hint: str, fn, *args, **kwargs):
 
 @learner_check
 def check_concat_cache(cache_class) -> None:
-    """`cache_class()` makes one layer's concat cache with key_positions/update/reset/length."""
+    """`cache_class()` makes one layer's dynamic cache with key_positions/update/reset/length, which grows
+    without copying every cached key at every step (the chapter's `torch.cat` cache fails on that last
+    point only: its keys move to a new tensor at every decode step)."""
     try:
         probe = cache_class()
     except NotImplementedError as err:
@@ -215,7 +219,34 @@ def check_concat_cache(cache_class) -> None:
             close(got, model(x), f"[{style} model] a prompt fed in chunks of 7 then 5 tokens. Hint: "
                   "key_positions(input_pos) is asked before update, and must list the position of every "
                   "key that update is about to return.", atol=1e-4, rtol=1e-4)
+
+    # It must copy less than torch.cat: count how often the returned keys move in memory.
+    moves = _count_moves(cache_class)
+    if moves > _MAX_MOVES:
+        raise AssertionError(
+            f"the keys your cache returns moved to a new address {moves} times in {_MOVE_STEPS} decode steps "
+            f"(at most {_MAX_MOVES} allowed): each move allocates a new tensor and copies every cached key, "
+            "which is what torch.cat does at every step. Hint: keep spare room along the sequence axis, write "
+            "new keys in place, and grow the buffers (doubling them) only when they are full.")
     passed("MyConcatCache")
+
+
+_MOVE_STEPS, _MAX_MOVES = 60, 8
+
+
+def _count_moves(cache_class) -> int:
+    """Feed one layer cache a prefill of 5 and _MOVE_STEPS decode steps; count address changes of its keys."""
+    layer = cache_class()
+    g = torch.Generator().manual_seed(0)
+    moves, last, pos = 0, None, 0
+    for T in [5] + [1] * _MOVE_STEPS:
+        k, v = torch.randn(1, 2, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g)
+        k_all, _ = layer.update(k, v, torch.arange(pos, pos + T))
+        pos += T
+        if last is not None and k_all.data_ptr() != last:
+            moves += 1
+        last = k_all.data_ptr()
+    return moves
 
 
 # -- exercise: chunked prefill ---------------------------------------------------------------
@@ -277,3 +308,201 @@ def check_chunked_prefill(fn) -> None:
             raise AssertionError(f"{label} decoding on from your cache gives different tokens than no cache. "
                                  f"Hint: {_CHUNK_HINT}")
     passed("my_chunked_prefill")
+
+
+# -- exercise: the modern cached forward (RoPE at absolute positions, grouped-query attention) --
+
+def _reference_forward(model, idx, cache, input_pos, *, rope_at: str = "absolute", mask: str = "positions",
+                       share: str = "interleave"):
+    """The cached forward of a Llama-style GPT, written out; the keywords switch in a catalogued mistake
+    so a check can tell which one a learner made:
+        rope_at="relative"  RoPE by 0..T-1 of this call instead of the absolute positions
+        mask="top-left"     SDPA's is_causal for a multi-token call (aligned top-left), none for one query
+        mask="no-window"    the mask from positions, but the sliding cache's window left out
+        share="tile"        key/value heads shared by tiling (h % Hkv) instead of in groups (h // G)
+    """
+    c = model.config
+    B, T = idx.shape
+    H, Hkv, D, C = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    G = H // Hkv
+    x = model.tok_emb(idx)  # (B, T, C)
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(input_pos)
+    rope = None
+    if c.pos == "rope":
+        rope = rope_cos_sin(input_pos if rope_at == "absolute" else torch.arange(T), D, c.rope_base)
+    window = cache.window if cache.kind == "sliding" else c.window
+    k_pos = cache.key_positions(input_pos)  # asked before update
+    attn_mask = attention_mask(input_pos, k_pos, None if mask == "no-window" else window)  # (T, S)
+    if mask == "top-left":
+        attn_mask = None if T == 1 else torch.ones(T, k_pos.numel(), dtype=torch.bool).tril()
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        q, k, v = a.qkv(blk.norm1(x)).split([C, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.layers[i].update(k, v, input_pos)  # (B, Hkv, S, D)
+        if share == "interleave":
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, D)
+        else:
+            k, v = k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1)
+        y, _ = attention_reference(q, k, v, attn_mask)  # (B, H, T, D)
+        x = x + a.out(y.transpose(1, 2).reshape(B, T, C))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.lm_head(model.norm_f(x))  # (B, T, V)
+
+
+# (label, cache kind, window of a sliding cache, batch, the calls: tokens fed per call)
+_FORWARD_CASES = [
+    ("a static cache: a prefill of 9 tokens, then 12 decode steps", "static", None, 2, [9] + [1] * 12),
+    ("a dynamic cache: a prompt fed in chunks of 5, 4 and 3, then 8 decode steps", "dynamic", None, 1,
+     [5, 4, 3] + [1] * 8),
+    ("a sliding cache with a window of 6: a prompt of 20 fed in chunks of 7, then 10 decode steps", "sliding",
+     6, 2, [7, 7, 6] + [1] * 10),
+]
+
+_FORWARD_HINTS = {
+    "relative": ("RoPE rotated queries and keys by 0..T-1, their places in this call. Rotate each by its "
+                 "absolute position, input_pos: a key cached at position 3 was rotated by 3, and a query at "
+                 "position 9 must be rotated by 9, so that their dot product sees the distance 6."),
+    "top-left": ("this chunk's T queries come after earlier keys, and its mask is aligned top-left (what SDPA's "
+                 "is_causal=True builds), so query i sees keys 0..i. Build the mask from positions: the "
+                 "query at input_pos[i] may see every key at a position <= input_pos[i] "
+                 "(cache.key_positions(input_pos), asked before update)."),
+    "no-window": ("for a multi-token call a sliding cache returns its W slots and the T new keys; the mask "
+                  "must also keep only each query's last W positions. Pass the cache's window (cache.window) "
+                  "when you build the mask."),
+    "tile": ("key/value head j serves query heads j*G .. j*G+G-1 (G = n_heads // n_kv_heads): repeat each "
+             "key/value head G times in place (repeat_interleave), not the whole stack of heads."),
+}
+
+_FORWARD_RUN_HINT = ("q has n_heads heads, the cache stores and returns n_kv_heads: write the n_kv_heads keys and "
+                     "values into the cache, then share each among its group of query heads (repeat_kv) before "
+                     "attention. The mask is (T, S), one row per query and one column per key update returns.")
+
+
+def _run_calls(fn, model, seq, cache, plan, name):
+    """Feed seq (B, sum(plan)) through fn call by call; return each call's logits."""
+    outs, start = [], 0
+    for T in plan:
+        pos = torch.arange(start, start + T)
+        outs.append(call_learner(fn, model, seq[:, start:start + T], cache, pos, name=name) if name else
+                    fn(model, seq[:, start:start + T], cache, pos))
+        start += T
+    return outs
+
+
+@learner_check
+def check_modern_forward(fn) -> None:
+    """`fn(model, idx, cache, input_pos) -> (B, T, V)`: the cached forward of a Llama-style GPT (RMSNorm,
+    SwiGLU, RoPE, grouped-query attention), written through `cache.layers[i].update`. Every call's logits
+    are compared with `model(idx, cache, input_pos)` on a cache of the same kind, and with the model (or
+    its windowed twin) run without a cache."""
+    name = "my_modern_forward"
+    for i, (label, kind, window, B, plan) in enumerate(_FORWARD_CASES):
+        model = _model("modern", seed=10 + i)
+        c = model.config
+        seq = _prompt(B, sum(plan), c.vocab_size, seed=20 + i)
+        label = f"[{label}; n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}]"
+        extra = dict(max_seq_len=sum(plan)) if kind == "static" else dict(window=window) if kind == "sliding" else {}
+        cache = model.new_cache(B, kind=kind, **extra)
+        with torch.no_grad():
+            got = _run(label, _FORWARD_RUN_HINT, _run_calls, fn, model, seq, cache, plan, name)
+            ref_cache = model.new_cache(B, kind=kind, **extra)
+            expected, start = [], 0
+            for T in plan:
+                expected.append(model(seq[:, start:start + T], ref_cache, torch.arange(start, start + T)))
+                start += T
+            if kind == "sliding":  # the same weights with the window in the model: no cache at all
+                with torch.random.fork_rng(devices=[]):  # its random init is overwritten: keep the stream
+                    twin = GPT(dataclasses.replace(c, window=window)).eval()
+                twin.load_state_dict(model.state_dict())
+                recomputed = twin(seq)
+            else:
+                recomputed = model(seq)
+        torch.testing.assert_close(torch.cat(expected, 1), recomputed, atol=1e-4, rtol=1e-4)  # the library agrees
+        start = 0
+        for n, (g, e) in enumerate(zip(got, expected)):
+            T = plan[n]
+            where = f"{label} call {n + 1}, positions {start}..{start + T - 1}:"
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(e.shape):
+                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise AssertionError(f"{where} expected logits of shape {tuple(e.shape)} (B, T, V), got {shape}.")
+            if not torch.allclose(g, e, atol=1e-4, rtol=1e-4):
+                raise AssertionError(f"{where} your logits differ from model(idx, cache, input_pos). Hint: "
+                                     + _diagnose_forward(got, model, seq, kind, extra, B, plan, n, start))
+            start += T
+        if cache.length != sum(plan):
+            raise AssertionError(f"{label} after {sum(plan)} positions cache.length is {cache.length}. Hint: "
+                                 "every layer's keys and values go through cache.layers[i].update(k, v, input_pos).")
+        stored = getattr(cache.layers[0], "k", None)
+        if isinstance(stored, torch.Tensor) and stored.size(1) != c.n_kv_heads:
+            raise AssertionError(f"{label} the logits are right, but the cache holds {stored.size(1)} heads of keys; "
+                                 f"grouped-query attention caches only n_kv_heads={c.n_kv_heads} (that is its memory "
+                                 "saving). Write k and v into the cache first, repeat them after update.")
+    passed(name)
+
+
+def _diagnose_forward(got, model, seq, kind, extra, B, plan, n, start) -> str:
+    """Name the catalogued mistake whose outputs the learner's match, else say where it went wrong."""
+    variants = [("relative", dict(rope_at="relative")), ("top-left", dict(mask="top-left")),
+                ("no-window", dict(mask="no-window")), ("tile", dict(share="tile"))]
+    for key, kw in variants:
+        with torch.no_grad():
+            outs = _run_calls(functools.partial(_reference_forward, **kw), model, seq,
+                              model.new_cache(B, kind=kind, **extra), plan[:n + 1], None)
+        if all(isinstance(g, torch.Tensor) and g.shape == o.shape and torch.allclose(g, o, atol=1e-4, rtol=1e-4)
+               for g, o in zip(got[:n + 1], outs)):
+            return _FORWARD_HINTS[key]
+    if n == 0:
+        return ("already the first call, positions 0.. on an empty cache, is wrong: that is chapter 3's forward "
+                "with the cache in between. Check the norms, RoPE on both queries and keys, the output layer "
+                "(lm_head, untied here) and the causal mask.")
+    return (f"the calls before this one were right. This one feeds {plan[n]} token(s) at positions {start}.."
+            f"{start + plan[n] - 1}: look at the positions RoPE uses, at the mask (from input_pos and "
+            "cache.key_positions(input_pos), asked before update) and at how the key/value heads are shared.")
+
+
+# -- experiment: where a sliding window first changes the greedy tokens -----------------------
+
+@learner_check
+def check_window_divergence(answer, model, prompt, window: int, max_new_tokens: int = 100) -> None:
+    """`answer`: the first position (counting from 0 at the prompt's first token) at which greedy
+    generation of `max_new_tokens` tokens through a sliding cache of `window` slots picks a different
+    token than full attention. Recomputed here with kvlab's caches."""
+    name = "my_divergence_position"
+    require_answer(answer, name)
+    with torch.no_grad():
+        full = generate(model, prompt, max_new_tokens, temperature=0)
+        windowed = generate(model, prompt, max_new_tokens, temperature=0,
+                            cache=model.new_cache(prompt.size(0), kind="sliding", window=window))
+    differ = (full != windowed).any(0).nonzero().flatten().tolist()
+    if not differ:
+        raise ValueError(f"with window={window} the first {max_new_tokens} greedy tokens never differ; "
+                         "choose a smaller window or more tokens")
+    first, T = differ[0], prompt.size(1)
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
+        if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_floating_point():
+            answer = int(answer)
+        else:
+            raise AssertionError(f"answer with a whole number (a position), got {answer!r}")
+    answer = int(answer)
+    if answer == first:
+        passed(name)
+        return
+    if answer == first - T:
+        hint = (f"that counts the generated tokens only; count positions from the prompt's first token "
+                f"(the prompt has {T}).")
+    elif answer == first - 1:
+        hint = "that is the position whose logits chose the first different token; give the token's own position."
+    elif answer == window:
+        hint = ("the window starts to matter at position W for the logits, but a greedy token changes only when "
+                "the argmax does: measure it, do not derive it.")
+    elif answer < T:
+        hint = f"positions before {T} are the prompt, which both runs share; compare the generated tokens."
+    else:
+        hint = "generate with both caches and compare the two sequences position by position."
+    raise AssertionError(f"{answer} is not the first position where the tokens differ. Hint: {hint}")

@@ -15,9 +15,10 @@ import torch
 
 from ..attention import attention_reference
 from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
-from ._common import call_learner, close, passed, learner_check
+from ._common import call_learner, close, learner_check, passed, require_answer
 
-__all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode"]
+__all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode", "check_cross_kv_for_samples",
+           "check_saved_projections"]
 
 
 # --------------------------------------------------------------------------- padding mask
@@ -25,13 +26,25 @@ __all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode"]
 
 @learner_check
 def check_padding_mask(fn: Callable) -> None:
-    """`fn(lengths, S) -> (B, S) bool`: True at the first lengths[b] positions of row b."""
-    cases = [([3], 3), ([1], 1), ([2, 5, 1], 5), ([4, 4], 7), ([1, 6, 3, 2], 9)]
-    for lengths, S in cases:
+    """`fn(lengths, S, left=False) -> (B, S) bool`: True at the lengths[b] real positions of row b,
+    the first ones (right padding) or, with left=True, the last ones (left padding)."""
+    cases = [([3], 3, False), ([1], 1, False), ([2, 5, 1], 5, False), ([4, 4], 7, False), ([1, 6, 3, 2], 9, False),
+             ([2, 5, 1], 5, True), ([1, 6, 3, 2], 9, True), ([3], 3, True)]
+    for lengths, S, left in cases:
         lengths_t = torch.tensor(lengths)
-        got = call_learner(fn, lengths_t.clone(), S, name="my_padding_mask")
-        expected = torch.arange(S)[None, :] < lengths_t[:, None]
-        where = f"my_padding_mask(torch.tensor({lengths}), S={S})"
+        if left:
+            got = call_learner(fn, lengths_t.clone(), S, left=True, name="my_padding_mask")
+            expected = torch.arange(S)[None, :] >= S - lengths_t[:, None]
+            right = torch.arange(S)[None, :] < lengths_t[:, None]
+            where = f"my_padding_mask(torch.tensor({lengths}), S={S}, left=True)"
+            if (isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got.bool(), right)
+                    and not torch.equal(right, expected)):
+                raise AssertionError(f"{where} marks the first positions as real; with left padding the padding "
+                                     "comes first and the lengths[b] real tokens are the last ones of row b.")
+        else:
+            got = call_learner(fn, lengths_t.clone(), S, name="my_padding_mask")
+            expected = torch.arange(S)[None, :] < lengths_t[:, None]
+            where = f"my_padding_mask(torch.tensor({lengths}), S={S})"
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (S, len(lengths)) and S != len(lengths):
             raise AssertionError(f"{where} has shape {tuple(got.shape)}: one row per sequence, one column "
                                  f"per position, so (B, S) = {(len(lengths), S)}.")
@@ -62,19 +75,40 @@ def _cross_cases(g: torch.Generator):
     yield rand(2, 4, 3, 16), rand(2, 4, 7, 16), rand(2, 4, 7, 16), pad([7, 4], 7)
     yield rand(3, 2, 9, 8), rand(3, 2, 5, 8), rand(3, 2, 5, 8), pad([2, 5, 1], 5)
     yield rand(2, 2, 6, 32), rand(2, 2, 6, 32), rand(2, 2, 6, 32), pad([6, 2], 6)
+    # grouped-query attention: fewer key/value heads than query heads
+    yield rand(2, 4, 3, 8), rand(2, 2, 5, 8), rand(2, 2, 5, 8), pad([5, 2], 5)
+    yield rand(1, 6, 2, 8), rand(1, 3, 4, 8), rand(1, 3, 4, 8), pad([3], 4)
+    yield rand(2, 4, 1, 8), rand(2, 1, 6, 8), rand(2, 1, 6, 8), pad([6, 4], 6)
 
 
 @learner_check
 def check_cross_attention(fn: Callable) -> None:
     """`fn(q, k, v, pad_mask) -> (B, H, T, D)`: every query attends over all of its source's real
-    keys; compared with `kvlab.attention_reference` under the mask pad_mask[:, None, None, :]."""
+    keys; compared with `kvlab.attention_reference` under the mask pad_mask[:, None, None, :]. k and v
+    may have fewer heads than q (grouped-query attention: head j serves query heads jG..jG+G-1)."""
     g = torch.Generator().manual_seed(8)
     for q, k, v, pad_mask in _cross_cases(g):
         B, H, T, D = q.shape
+        G = H // k.size(1)  # query heads per key/value head
         where = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, pad_mask {tuple(pad_mask.shape)}"
-        got = call_learner(fn, q.clone(), k.clone(), v.clone(), pad_mask.clone(), name="my_cross_attention")
+        try:
+            got = call_learner(fn, q.clone(), k.clone(), v.clone(), pad_mask.clone(), name="my_cross_attention")
+        except (RuntimeError, ValueError, IndexError) as err:
+            if G > 1:
+                raise AssertionError(f"[{where}] your function failed with {type(err).__name__}: {err}\nHint: here k "
+                                     f"and v have {k.size(1)} heads for {H} query heads (grouped-query attention): "
+                                     "share each key/value head among its group of query heads.") from err
+            raise
         if isinstance(got, tuple):
             raise AssertionError(f"[{where}] return only the output tensor (B, H, T, D), not a tuple.")
+        k_full, v_full = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, D)
+        if G > 1 and isinstance(got, torch.Tensor) and got.shape == q.shape:
+            tiled = _variant(q, k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1), pad_mask)
+            grouped = _variant(q, k_full, v_full, pad_mask)
+            if torch.allclose(got, tiled, atol=1e-5) and not torch.allclose(tiled, grouped):
+                raise AssertionError(f"[{where}] key/value head j serves query heads j*G .. j*G+G-1 (G = {G}): "
+                                     "repeat each head G times in place, not the whole stack of heads.")
+        k, v = k_full, v_full
         expected, _ = attention_reference(q, k, v, pad_mask[:, None, None, :])
         same_shape = isinstance(got, torch.Tensor) and got.shape == expected.shape
         if same_shape and not torch.allclose(got, expected, atol=1e-5):
@@ -187,3 +221,111 @@ def check_greedy_decode(fn: Callable) -> None:
                 f"{len(calls)} times for {expected.size(1)} steps of a {c.n_layers}-layer decoder. They depend "
                 f"only on the source: project them once per layer ({c.n_layers} in all) and reuse them.")
     passed("my_greedy_decode")
+
+
+# --------------------------------------------------------------------------- the cross cache, several samples
+
+
+def _count_kv_calls(model, fn):
+    """Run fn() with a hook on every decoder layer's cross_attn.kv; return (result, rows fed per call)."""
+    rows = []
+    hooks = [b.cross_attn.kv.register_forward_hook(lambda m, args, out: rows.append(args[0].size(0)))
+             for b in model.decoder]
+    try:
+        result = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return result, rows
+
+
+@learner_check
+def check_cross_kv_for_samples(fn: Callable) -> None:
+    """`fn(model, memory, n_samples) -> [(k, v), ...]`, one pair per decoder layer, each (B * n, Hkv, S, D):
+    the cross-attention keys and values for decoding n samples of each of B sources, rows b*n .. b*n+n-1
+    for source b. The memory must be projected once per layer, for the B sources, not for the B * n rows."""
+    name = "my_cross_kv_for_samples"
+    for label, overrides, seed, lengths, n in [("2 layers, 3 sources, 4 samples each", dict(), 14, (5, 9, 2), 4),
+                                               ("3 layers with grouped-query attention, 2 sources, 3 samples",
+                                                dict(n_layers=3, n_kv_heads=2), 6, (7, 3), 3),
+                                               ("1 layer, one source, 1 sample", dict(n_layers=1), 6, (6,), 1)]:
+        model, src = _decode_case(overrides, seed, lengths)
+        c = model.config
+        with torch.no_grad():
+            memory = model.encode(src)
+            expected = [tuple(t.repeat_interleave(n, dim=0) for t in b.cross_attn.project_memory(memory))
+                        for b in model.decoder]
+            got, rows = _count_kv_calls(model, lambda: call_learner(fn, model, memory.clone(), n, name=name))
+        where = f"[{label}]"
+        B = src.size(0)
+        if not isinstance(got, (list, tuple)) or len(got) != c.n_layers:
+            length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
+            raise AssertionError(f"{where} return a list with one (k, v) pair per decoder layer ({c.n_layers}), "
+                                 f"got {type(got).__name__}{length}")
+        for i, (pair, (k_exp, v_exp)) in enumerate(zip(got, expected)):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise AssertionError(f"{where} layer {i}: expected a (k, v) pair")
+            k, v = pair
+            shape = (B * n, c.n_kv_heads, src.size(1), c.head_dim)
+            for what, t in (("k", k), ("v", v)):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                    got_shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise AssertionError(f"{where} layer {i}: {what} should be (B * n, Hkv, S, D) = {shape}, got "
+                                         f"{got_shape}.")
+            if n > 1 and torch.allclose(k, k_exp.view(B, n, *shape[1:]).transpose(0, 1).reshape(shape), atol=1e-5) \
+                    and not torch.allclose(k, k_exp, atol=1e-5):
+                raise AssertionError(f"{where} layer {i}: the rows are in the wrong order. Rows b*n .. b*n+n-1 belong "
+                                     "to source b (repeat each source's keys n times in place, as repeat_interleave "
+                                     "does along the batch), not the whole batch n times over.")
+            if torch.allclose(k, v_exp, atol=1e-5) and not torch.allclose(k, k_exp, atol=1e-5):
+                raise AssertionError(f"{where} layer {i}: k holds the values. cross_attn.kv(memory) gives keys first, "
+                                     "then values, along the last axis.")
+            close(k, k_exp, f"{where} layer {i}: keys. Use each layer's own cross_attn.kv.", atol=1e-5)
+            close(v, v_exp, f"{where} layer {i}: values. Use each layer's own cross_attn.kv.", atol=1e-5)
+        if any(r != B for r in rows):
+            raise AssertionError(
+                f"{where} your keys and values are right, but the cross-attention projections received "
+                f"{sorted(set(rows))} rows per call for {B} sources. Project the {B} sources, then repeat the "
+                f"result: the samples of one source share its memory, so projecting {B * n} rows does {n} times "
+                "the work.")
+        if len(rows) != c.n_layers:
+            raise AssertionError(
+                f"{where} your keys and values are right, but the memory went through the cross-attention "
+                f"projections {len(rows)} times for {c.n_layers} layers. Project it once per layer and reuse "
+                "the result for every sample.")
+    passed(name)
+
+
+# --------------------------------------------------------------------------- experiment: projections saved
+
+
+@learner_check
+def check_saved_projections(answer, model: Seq2SeqTransformer, src: torch.Tensor, max_new_tokens: int) -> None:
+    """`answer`: how many cross-attention projections of the memory (calls of a decoder layer's
+    `cross_attn.kv`) the cross cache saves when `greedy_decode(model, src, max_new_tokens)` runs with
+    the cache instead of without it. Counted here, live, with forward hooks."""
+    name = "my_saved_projections"
+    require_answer(answer, name)
+    with torch.no_grad():
+        out, cached = _count_kv_calls(model, lambda: greedy_decode(model, src, max_new_tokens))
+        _, uncached = _count_kv_calls(model, lambda: greedy_decode(model, src, max_new_tokens, use_cache=False))
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_floating_point():
+        answer = int(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise AssertionError(f"answer with a whole number of projections, got {answer!r}")
+    L, steps = model.config.n_layers, out.size(1)
+    saved = len(uncached) - len(cached)
+    if answer == saved:
+        passed(name)
+        return
+    if answer == len(uncached):
+        hint = "that is the uncached run's count; the cached run projects too (once per layer): subtract it."
+    elif answer in (L * (max_new_tokens - 1), L * max_new_tokens):
+        hint = (f"decoding stops when every row has emitted EOS, here after {steps} steps, not {max_new_tokens}: "
+                "count the calls, do not assume.")
+    elif answer in (steps - 1, steps):
+        hint = f"every one of the {L} decoder layers projects the memory in each uncached step."
+    else:
+        hint = ("put a forward hook on each decoder layer's cross_attn.kv, run greedy_decode with and without "
+                "the cache, and compare the counts.")
+    raise AssertionError(f"{answer} is not the number of projections the cross cache saves here. Hint: {hint}")
