@@ -372,6 +372,9 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
                              "weights) instead of its CPU inference fast path, to measure what the path gains")
     parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
     parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
+    from .speedup import add_speedup_arguments, run_speedup_cli
+
+    add_speedup_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -386,6 +389,8 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = GPT(config).to(device=device, dtype=dtype).eval().set_cpu_fast_path(not args.no_cpu_fast_path)
+    if args.speedup_table:
+        return run_speedup_cli(args, parser, model, argv)
     hf_model = None
     if args.hf:
         from transformers import GPT2Config, GPT2LMHeadModel
