@@ -264,7 +264,9 @@ def load_recorded(name: str) -> dict:
         root = checkout_root()
         known = sorted(p.stem for p in (root / "data" / "bench").glob("*.json")) if root is not None else []
         raise FileNotFoundError(f"no recorded benchmark {name!r} (the course has: {', '.join(known) or 'see data/bench'})")
-    return json.loads(path.read_text())
+    from .files import read_json
+
+    return read_json(path, "benchmark record")
 
 
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),

@@ -260,30 +260,43 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
     config when none was passed). A `model` whose config differs from the stored one is a
     `ValueError` that names each differing field. Built in chapter 6.
     """
-    from safetensors import safe_open
+    from .files import check_state_shapes, read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvlab", "null") or "null")
-        if not meta or meta.get("format") != "kvlab-checkpoint-1":
-            raise ValueError(f"{path} is not a kvlab checkpoint (no kvlab metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = GPTConfig(**meta["model_config"])
-    if model is None:
-        model = GPT(config)
-    elif model.config != config:
+    # Everything is read and checked before the model or the optimizer is touched.
+    tensors, metadata = read_safetensors(path, "kvlab checkpoint")
+    try:
+        meta = json.loads(metadata.get("kvlab", "null") or "null")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a kvlab checkpoint: its kvlab metadata is not JSON (line {err.lineno}, "
+                         f"column {err.colno}: {err.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "kvlab-checkpoint-1":
+        raise ValueError(f"{path} is not a kvlab checkpoint (a safetensors file without kvlab's metadata)")
+    try:
+        config = GPTConfig(**meta["model_config"])
+        train_config = TrainConfig(**meta["train_config"]) if meta.get("train_config") else None
+        history = History.from_dict(meta["history"]) if meta.get("history") else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid kvlab checkpoint: its stored configuration is damaged ({err})") from None
+    if model is not None and model.config != config:
         diffs = [f"{k}: checkpoint has {getattr(config, k)!r}, model has {getattr(model.config, k)!r}"
                  for k in config.to_dict() if getattr(config, k) != getattr(model.config, k)]
         raise ValueError(f"checkpoint {path} does not match the model's config: " + "; ".join(diffs))
+    target = model if model is not None else GPT(config)
+    expected = target.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    check_state_shapes(path, state, expected, what="weights", prefix="model.")
+    if optimizer is not None:
+        _check_optimizer_state(path, meta, tensors, optimizer)
+    model = target
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True)
     if optimizer is not None:
-        if "optim_param_groups" not in meta:
-            raise ValueError(f"checkpoint {path} has no optimizer state")
         opt_state: dict = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
@@ -291,12 +304,36 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
                 opt_state.setdefault(int(idx), {})[key] = v
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_param_groups"]})
     return {
-        "model": model, "model_config": config, "step": meta["step"],
-        "train_config": TrainConfig(**meta["train_config"]) if meta.get("train_config") else None,
-        "history": History.from_dict(meta["history"]) if meta.get("history") else None,
+        "model": model, "model_config": config, "step": meta.get("step", 0),
+        "train_config": train_config, "history": history,
         "extra": meta.get("extra", {}), "scaler": meta.get("scaler"),
         "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")},
     }
+
+
+def _check_optimizer_state(path: Path, meta: dict, tensors: dict[str, Tensor], optimizer) -> None:
+    """The stored optimizer state must fit `optimizer`: same groups, one moment per parameter, same shapes."""
+    if "optim_param_groups" not in meta:
+        raise ValueError(f"checkpoint {path} has no optimizer state")
+    groups = meta["optim_param_groups"]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    valid = isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    stored = [len(g["params"]) for g in groups] if valid else None
+    if stored != sizes:
+        raise ValueError(f"{path}: its optimizer state has parameter groups of sizes {stored}, the optimizer has "
+                         f"{sizes}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        try:
+            _, idx, name = key.split(".", 2)
+            param = params[int(idx)]
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}: optimizer tensor {key!r} names no parameter of the optimizer") from None
+        if name in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: optimizer tensor {key} has the wrong shape: expected {tuple(param.shape)}, "
+                             f"got {tuple(value.shape)}")
 
 
 # -- the loop --------------------------------------------------------------------------------
