@@ -79,3 +79,16 @@ def test_command_rejects_bad_lengths(tmp_path):
         main(["--speedup-table", "--model", "tiny", "--lengths", "4,x", "--out", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit):
         main(["--speedup-table", "--model", "tiny", "--lengths", "300", "--out", str(tmp_path / "t.json")])
+
+
+def test_process_clock_counts_cpu_seconds(monkeypatch):
+    import time
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
+    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer())
+    table = speedup_table(make_model("gpt2"), [10], prompt_len=4, clock="process", progress=None)
+    assert table["clock"] == "process" and table["rows"][0]["cached_s"] == table["rows"][0]["uncached_s"] == 1.0
+    assert "CPU seconds" in speedup_markdown(table)
+    with pytest.raises(ValueError, match="clock"):
+        speedup_table(make_model("gpt2"), [10], clock="cpu", progress=None)
