@@ -264,7 +264,9 @@ def load_recorded(name: str) -> dict:
         root = checkout_root()
         known = sorted(p.stem for p in (root / "data" / "bench").glob("*.json")) if root is not None else []
         raise FileNotFoundError(f"no recorded benchmark {name!r} (the course has: {', '.join(known) or 'see data/bench'})")
-    return json.loads(path.read_text())
+    from .files import read_json
+
+    return read_json(path, "benchmark record")
 
 
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),
@@ -383,6 +385,9 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
                         help="new tokens per row for --serving (default 64)")
     parser.add_argument("--serving-uncached-budget", type=float, default=30.0,
                         help="--serving stops the uncached side after a run longer than this many seconds (default 30)")
+    from .speedup import add_speedup_arguments, run_speedup_cli
+
+    add_speedup_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -399,6 +404,8 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     model = GPT(config).to(device=device, dtype=dtype).eval().set_cpu_fast_path(not args.no_cpu_fast_path)
     if args.serving:
         return run_serving(model, args, argv)
+    if args.speedup_table:
+        return run_speedup_cli(args, parser, model, argv)
     hf_model = None
     if args.hf:
         from transformers import GPT2Config, GPT2LMHeadModel

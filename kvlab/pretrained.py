@@ -23,6 +23,7 @@ from .gpt import GPT, GPTConfig
 __all__ = ["GPT2_NAMES", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # d_model -> n_heads of each published GPT-2 size
 
 # kvlab name pattern -> (Hugging Face name pattern, transpose?). {i} is the layer index.
 _GLOBAL = {
@@ -96,8 +97,13 @@ def _config_from_shapes(sd: Mapping[str, Tensor], n_heads: int | None) -> GPTCon
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
     if not layers:
         raise ValueError("state dict has no transformer blocks (no 'h.<i>.' keys)")
-    # Head count is not visible in any shape; every GPT-2 size uses 64-dimensional heads.
-    n_heads = d_model // 64 if n_heads is None else n_heads
+    # The head count is not visible in any shape: known for GPT-2's own sizes, asked for otherwise.
+    if n_heads is None:
+        if d_model not in GPT2_HEADS:
+            sizes = ", ".join(f"{c} ({h} heads)" for c, h in GPT2_HEADS.items())
+            raise ValueError(f"cannot tell the head count of a state dict with d_model={d_model}: it is not one of "
+                             f"GPT-2's sizes ({sizes}); pass n_heads= (e.g. from the model's config)")
+        n_heads = GPT2_HEADS[d_model]
     return GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model,
                      n_layers=max(layers) + 1, n_heads=n_heads)
 
@@ -106,7 +112,8 @@ def from_hf_gpt2(model_or_state_dict, *, n_heads: int | None = None) -> GPT:
     """A kvlab `GPT` with the weights of a Hugging Face GPT-2 model or state dict.
 
     Pass a `GPT2LMHeadModel` / `GPT2Model` (its config is used) or a state dict (the shape is
-    read from the tensors; `n_heads` defaults to d_model / 64, as in every GPT-2 size). Every
+    read from the tensors; `n_heads` is GPT-2's own for its four widths and must be passed for any
+other d_model, since no tensor's shape shows it). Every
     expected key must be present with the right shape: the error lists what is missing or
     mis-shaped, and nothing is loaded until all of it checks out. Built in chapter 3.
     """
@@ -174,10 +181,10 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
         from huggingface_hub import hf_hub_download
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("load_gpt2 needs huggingface_hub: pip install transformers (or huggingface_hub)") from err
-    from safetensors.torch import load_file
+    from .files import read_safetensors
 
     path = hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
-    model = from_hf_gpt2(load_file(path))
+    model = from_hf_gpt2(read_safetensors(path, f"{name} weights file")[0])
     model.eval()
     return model.to(device) if device is not None else model
 
@@ -210,10 +217,7 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.dev
     record is on `model.record`. Works offline: the files ship in the repository's
     `data/shakespeare`. Built in chapter 6.
     """
-    import json
-
-    from safetensors.torch import load_file
-
+    from .files import check_state_shapes, read_json, read_safetensors
     from .tokenizers import load_tokenizer
 
     folder = shakespeare_model_dir(path)
@@ -223,14 +227,31 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.dev
         raise FileNotFoundError(
             f"the Shakespeare model is not at {folder} (missing {', '.join(missing)}); it ships in the course "
             "repository's data/shakespeare: install kvlab from a clone (pip install -e .) or pass path=")
-    config = json.loads((folder / "config.json").read_text())
-    model = GPT(GPTConfig(**config["model"]))
-    state = load_file(str(folder / "model.safetensors"))
-    if model.config.tie_embeddings:
+    config_path = folder / "config.json"
+    config = read_json(config_path, "model config (config.json)")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "tokenizer" not in config:
+        raise ValueError(f"{config_path} is not a kvlab model config: expected a JSON object with 'model' (the "
+                         "GPTConfig fields) and 'tokenizer' (its kind)")
+    try:
+        gpt_config = GPTConfig(**config["model"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: its 'model' is not a valid GPTConfig ({err})") from None
+    weights_path = folder / "model.safetensors"
+    state, _ = read_safetensors(weights_path, "model weights file")
+    model = GPT(gpt_config)
+    expected = model.state_dict()
+    if gpt_config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    check_state_shapes(weights_path, state, expected, what="weights")
+    record_path = folder / "record.json"
+    record = read_json(record_path, "model record (record.json)") if record_path.is_file() else {}
+    tokenizer = load_tokenizer(config["tokenizer"], folder / "tokenizer.json")
+    if tokenizer.vocab_size != gpt_config.vocab_size:
+        raise ValueError(f"{folder / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but {config_path} says "
+                         f"vocab_size={gpt_config.vocab_size}")
+    if gpt_config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True)
-    record_path = folder / "record.json"
-    model.record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    tokenizer = load_tokenizer(config["tokenizer"], folder / "tokenizer.json")
+    model.record = record
     model.eval()
     return (model.to(device) if device is not None else model), tokenizer

@@ -155,10 +155,22 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: PathLike) -> CharTokenizer:
         """Read a vocabulary written by ``save``. Built in chapter 1."""
-        payload = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        from .files import read_json
+
+        payload = read_json(path, "CharTokenizer file")
+        return cls._from_payload(payload, str(path))
+
+    @classmethod
+    def _from_payload(cls, payload: Any, source: str) -> CharTokenizer:
         if not isinstance(payload, dict) or payload.get("kind") != "char":
-            raise ValueError(f"{path} is not a CharTokenizer file (expected kind 'char')")
-        return cls(payload["chars"])
+            raise ValueError(f"{source} is not a CharTokenizer file (expected a JSON object with kind 'char')")
+        chars = payload.get("chars")
+        if not isinstance(chars, list):
+            raise ValueError(f"{source} is not a valid CharTokenizer file: 'chars' must be a list of characters")
+        try:
+            return cls(chars)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source} is not a valid CharTokenizer file: {err}") from None
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
@@ -297,11 +309,19 @@ class BPETokenizer:
     def load(cls, path: PathLike) -> BPETokenizer:
         """Read a file written by ``save`` (or any ``tokenizers`` JSON file). Built in
         chapter 1."""
-        hf = _import_hf_tokenizers()
+        from .files import read_json
+
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(hf.Tokenizer.from_file(str(path)))
+        read_json(path, "tokenizer file")  # a damaged file fails here, naming the line and column
+        return cls._from_json_text(path.read_text(encoding="utf-8"), str(path))
+
+    @classmethod
+    def _from_json_text(cls, text: str, source: str) -> BPETokenizer:
+        hf = _import_hf_tokenizers()
+        try:
+            return cls(hf.Tokenizer.from_str(text))
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot use
+            raise ValueError(f"{source} is not a valid tokenizers file: {err}") from None
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -440,6 +460,43 @@ def load_tokenizer(kind: str, path: PathLike | None = None) -> Tokenizer:
     return CharTokenizer.load(path) if kind == "char" else BPETokenizer.load(path)
 
 
+def tokenizer_state(tokenizer: Tokenizer) -> dict:
+    """A JSON-able description of a kvlab tokenizer, to store inside a checkpoint:
+    ``{"kind": ..., "json": the file save() would write, or None for GPT-2}``. Built in chapter 6."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "json": json.dumps({"kind": "char", "chars": tokenizer.chars}, ensure_ascii=False)}
+    if isinstance(tokenizer, BPETokenizer):
+        return {"kind": "bpe", "json": tokenizer.tokenizer.to_str()}
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return {"kind": "gpt2", "json": None}
+    raise TypeError(f"tokenizer must be a CharTokenizer, BPETokenizer or GPT2Tokenizer, got {type(tokenizer).__name__}")
+
+
+def tokenizer_from_state(state: Any, source: str = "tokenizer state") -> Tokenizer:
+    """The tokenizer `tokenizer_state` described; `source` (e.g. the checkpoint's path) names it in
+    errors. Built in chapter 6."""
+    if not isinstance(state, dict) or state.get("kind") not in TOKENIZER_KINDS:
+        raise ValueError(f"{source} holds no valid tokenizer (expected kind in {TOKENIZER_KINDS})")
+    kind, text = state["kind"], state.get("json")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: its {kind} tokenizer has no stored vocabulary")
+    if kind == "char":
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: its char tokenizer is not valid JSON (line {err.lineno}, column "
+                             f"{err.colno}: {err.msg})") from None
+        return CharTokenizer._from_payload(payload, source)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: its BPE tokenizer is not valid JSON (line {err.lineno}, column "
+                         f"{err.colno}: {err.msg})") from None
+    return BPETokenizer._from_json_text(text, source)
+
+
 __all__ = [
     "ENDOFTEXT",
     "BPETokenizer",
@@ -449,4 +506,6 @@ __all__ = [
     "gpt2_data_files",
     "gpt2_tokenizer",
     "load_tokenizer",
+    "tokenizer_from_state",
+    "tokenizer_state",
 ]

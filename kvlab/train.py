@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .data import get_batch
 from .gpt import GPT, GPTConfig
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "History", "configure_optimizer", "lr_at", "precision_for",
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "PRESET_TOKENIZERS", "History", "check_tensorboard", "configure_optimizer", "lr_at", "precision_for",
            "estimate_loss", "evaluate_split", "train", "save_checkpoint", "load_checkpoint", "export_model"]
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
     seed: int = 1337  # seeds the initial weights, the batches and dropout
     progress: bool = True  # a tqdm progress bar
-    tensorboard: bool = False  # log to TensorBoard when the package is installed
+    tensorboard: bool = False  # log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):
@@ -102,6 +102,28 @@ TRAIN_PRESETS: dict[str, tuple[dict, dict]] = {
         dict(batch_size=16, block_size=64, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
              eval_interval=50, eval_batches=8),
     ),
+    # The course's starting configurations, as the project descriptions give them: 6 layers of
+    # 384 with 6 heads, a 256-token context and dropout 0.2, on BPE tokens (GPU-sized: ~10M
+    # parameters); and a 12 x 768 decoder with RMSNorm and SwiGLU (GPT-2 small's size, modern
+    # blocks). vocab_size is set from the tokenizer (see PRESET_TOKENIZERS).
+    "bpe-6x384": (
+        dict(vocab_size=1024, max_seq_len=256, d_model=384, n_layers=6, n_heads=6, dropout=0.2),
+        dict(batch_size=64, block_size=256, max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+             eval_interval=250, eval_batches=20, checkpoint_interval=500),
+    ),
+    "modern-12x768": (
+        dict(vocab_size=1024, max_seq_len=256, d_model=768, n_layers=12, n_heads=12, norm="rmsnorm", mlp="swiglu",
+             dropout=0.2),
+        dict(batch_size=32, block_size=256, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+             eval_interval=250, eval_batches=20, checkpoint_interval=500),
+    ),
+}
+
+# The tokenizer each preset trains on: (kind, BPE vocabulary size). Presets not listed are
+# character-level.
+PRESET_TOKENIZERS: dict[str, tuple[str, int | None]] = {
+    "bpe-6x384": ("bpe", 1024),
+    "modern-12x768": ("bpe", 1024),
 }
 
 
@@ -260,30 +282,43 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
     config when none was passed). A `model` whose config differs from the stored one is a
     `ValueError` that names each differing field. Built in chapter 6.
     """
-    from safetensors import safe_open
+    from .files import check_state_shapes, read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvlab", "null") or "null")
-        if not meta or meta.get("format") != "kvlab-checkpoint-1":
-            raise ValueError(f"{path} is not a kvlab checkpoint (no kvlab metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = GPTConfig(**meta["model_config"])
-    if model is None:
-        model = GPT(config)
-    elif model.config != config:
+    # Everything is read and checked before the model or the optimizer is touched.
+    tensors, metadata = read_safetensors(path, "kvlab checkpoint")
+    try:
+        meta = json.loads(metadata.get("kvlab", "null") or "null")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a kvlab checkpoint: its kvlab metadata is not JSON (line {err.lineno}, "
+                         f"column {err.colno}: {err.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "kvlab-checkpoint-1":
+        raise ValueError(f"{path} is not a kvlab checkpoint (a safetensors file without kvlab's metadata)")
+    try:
+        config = GPTConfig(**meta["model_config"])
+        train_config = TrainConfig(**meta["train_config"]) if meta.get("train_config") else None
+        history = History.from_dict(meta["history"]) if meta.get("history") else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid kvlab checkpoint: its stored configuration is damaged ({err})") from None
+    if model is not None and model.config != config:
         diffs = [f"{k}: checkpoint has {getattr(config, k)!r}, model has {getattr(model.config, k)!r}"
                  for k in config.to_dict() if getattr(config, k) != getattr(model.config, k)]
         raise ValueError(f"checkpoint {path} does not match the model's config: " + "; ".join(diffs))
+    target = model if model is not None else GPT(config)
+    expected = target.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    check_state_shapes(path, state, expected, what="weights", prefix="model.")
+    if optimizer is not None:
+        _check_optimizer_state(path, meta, tensors, optimizer)
+    model = target
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True)
     if optimizer is not None:
-        if "optim_param_groups" not in meta:
-            raise ValueError(f"checkpoint {path} has no optimizer state")
         opt_state: dict = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
@@ -291,15 +326,59 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
                 opt_state.setdefault(int(idx), {})[key] = v
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_param_groups"]})
     return {
-        "model": model, "model_config": config, "step": meta["step"],
-        "train_config": TrainConfig(**meta["train_config"]) if meta.get("train_config") else None,
-        "history": History.from_dict(meta["history"]) if meta.get("history") else None,
+        "model": model, "model_config": config, "step": meta.get("step", 0),
+        "train_config": train_config, "history": history,
         "extra": meta.get("extra", {}), "scaler": meta.get("scaler"),
         "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")},
     }
 
 
+def _check_optimizer_state(path: Path, meta: dict, tensors: dict[str, Tensor], optimizer) -> None:
+    """The stored optimizer state must fit `optimizer`: same groups, one moment per parameter, same shapes."""
+    if "optim_param_groups" not in meta:
+        raise ValueError(f"checkpoint {path} has no optimizer state")
+    groups = meta["optim_param_groups"]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    valid = isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    stored = [len(g["params"]) for g in groups] if valid else None
+    if stored != sizes:
+        raise ValueError(f"{path}: its optimizer state has parameter groups of sizes {stored}, the optimizer has "
+                         f"{sizes}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        try:
+            _, idx, name = key.split(".", 2)
+            param = params[int(idx)]
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}: optimizer tensor {key!r} names no parameter of the optimizer") from None
+        if name in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: optimizer tensor {key} has the wrong shape: expected {tuple(param.shape)}, "
+                             f"got {tuple(value.shape)}")
+
+
 # -- the loop --------------------------------------------------------------------------------
+
+
+TENSORBOARD_INSTALL = "pip install tensorboard (or pip install 'kvlab[tensorboard]')"
+
+
+def check_tensorboard() -> None:
+    """Raise an ImportError saying what to install when TensorBoard logging cannot work."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package itself)
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"TensorBoard logging needs the tensorboard package, which is not installed: "
+                          f"{TENSORBOARD_INSTALL}") from err
+
+
+def _tensorboard_writer(folder: Path):
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
 
 
 def _distributed() -> tuple[int, int]:
@@ -339,6 +418,10 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
 
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be None or a positive int, got {stop_after!r}")
+    if cfg.tensorboard:
+        if out_dir is None:
+            raise ValueError("cfg.tensorboard=True needs out_dir: the event files go to out_dir/tensorboard")
+        check_tensorboard()
     rank, world = _distributed()
     device = torch.device(device) if device is not None else model.device
     precision = precision_for(device, cfg.precision)
@@ -366,13 +449,8 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
 
     writer = None
-    if cfg.tensorboard and rank == 0 and out_dir is not None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-        except ImportError:
-            writer = None
+    if cfg.tensorboard and rank == 0:
+        writer = _tensorboard_writer(Path(out_dir) / "tensorboard")
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -497,40 +575,144 @@ def export_model(out_dir: str | os.PathLike, model: GPT, tokenizer, record: dict
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.train`: train a character-level GPT on Tiny Shakespeare."""
+def build_parser():
+    """The command line of `python -m kvlab.train`."""
     import argparse
-    import platform
 
-    from .data import load_shakespeare_text, train_val_split
-    from .device import describe_device, pick_device
-    from .tokenizers import CharTokenizer
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return value
+
+    def positive_float(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    def dropout(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+        return value
 
     parser = argparse.ArgumentParser(
         prog="python -m kvlab.train",
-        description="Train a character-level GPT on Tiny Shakespeare with kvlab's training loop. "
-                    "Run under torchrun for data-parallel training.")
+        description="Train a GPT on Tiny Shakespeare with kvlab's training loop, on characters or on BPE tokens. "
+                    "A preset gives the model and the training run; every flag below overrides it. Run under "
+                    "torchrun for data-parallel training.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""presets:
+  shakespeare-char   6 x 192, 6 heads, context 192, characters (the chapter's full run)
+  shakespeare-cpu    4 x 256, RoPE + sliding window, characters (the shipped data/shakespeare model)
+  quick              2 x 64, characters (about a minute on a CPU)
+  bpe-6x384          6 x 384, 6 heads, context 256, dropout 0.2, BPE with 1024 tokens (a GPU run)
+  modern-12x768      12 x 768, RMSNorm + SwiGLU, context 256, dropout 0.2, BPE with 1024 tokens (a GPU run)
+
+examples:
+  python -m kvlab.train --preset quick
+  python -m kvlab.train --preset bpe-6x384 --device cuda --export runs/bpe-model
+  python -m kvlab.train --preset quick --tokenizer bpe --vocab-size 512 --epochs 0.5
+  python -m kvlab.train --preset quick --d-model 128 --n-layers 4 --n-heads 4 --norm rmsnorm --mlp swiglu --pos rope
+  python -m kvlab.generate --model runs/quick/checkpoint.safetensors --prompt "ROMEO:"
+""")
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="shakespeare-char",
                         help="model and training configuration (default: shakespeare-char)")
     parser.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<preset>)")
     parser.add_argument("--data", default=None, help="a local Tiny Shakespeare input.txt (checksum-verified)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
-    parser.add_argument("--batch-size", type=int, help="windows per micro-batch (overrides the preset)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (overrides the preset)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="overrides the preset")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps")
-    parser.add_argument("--export", default=None, help="write the finished model, tokenizer and record here")
-    parser.add_argument("--tensorboard", action="store_true", help="log to <out>/tensorboard")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    tok = parser.add_argument_group("tokens")
+    tok.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
+                     help="characters, or a byte-level BPE trained on the training split (default: the preset's)")
+    tok.add_argument("--vocab-size", type=positive_int, default=None,
+                     help="BPE vocabulary size, >= 256 (default: the preset's, or 1024); --tokenizer bpe only")
+    model = parser.add_argument_group("model (each overrides the preset)")
+    model.add_argument("--d-model", type=positive_int, help="width of the residual stream")
+    model.add_argument("--n-layers", type=positive_int, help="transformer blocks")
+    model.add_argument("--n-heads", type=positive_int, help="attention heads (must divide --d-model)")
+    model.add_argument("--n-kv-heads", type=positive_int, help="key/value heads (fewer = grouped-query attention)")
+    model.add_argument("--max-seq-len", type=positive_int,
+                       help="context length; also the training window unless --block-size is given")
+    model.add_argument("--dropout", type=dropout, help="dropout probability during training")
+    model.add_argument("--norm", choices=["layernorm", "rmsnorm"])
+    model.add_argument("--mlp", choices=["gelu", "swiglu"])
+    model.add_argument("--pos", choices=["learned", "rope"])
+    model.add_argument("--window", type=positive_int, help="sliding attention window (with --pos rope: generates "
+                                                            "past the context)")
+    run = parser.add_argument_group("training (each overrides the preset)")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=positive_int, help="optimizer steps")
+    length.add_argument("--epochs", type=positive_float,
+                        help="passes over the training tokens (may be fractional); sets the number of steps")
+    run.add_argument("--batch-size", type=positive_int, help="windows per micro-batch")
+    run.add_argument("--block-size", type=positive_int, help="tokens per training window (<= --max-seq-len)")
+    run.add_argument("--lr", type=positive_float, help="peak learning rate")
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    run.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    run.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after this many steps")
+    run.add_argument("--export", default=None, help="write the finished model, tokenizer and record here")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="log to <out>/tensorboard (needs: pip install tensorboard)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvlab.train`: train a GPT (characters or BPE) on Tiny Shakespeare."""
+    import platform
+
+    from .data import load_shakespeare_text, train_val_split
+    from .device import describe_device, pick_device
+    from .tokenizers import BPETokenizer, CharTokenizer, tokenizer_state
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensorboard:
+        try:
+            check_tensorboard()
+        except ImportError as err:
+            parser.error(f"--tensorboard: {err}")
+
+    # -- every setting checked before the text is read or a model is built --------------------
     model_kwargs, train_kwargs = TRAIN_PRESETS[args.preset]
+    kind, preset_vocab = PRESET_TOKENIZERS.get(args.preset, ("char", None))
+    kind = args.tokenizer or kind
+    if kind == "char" and args.vocab_size is not None:
+        parser.error("--vocab-size is for --tokenizer bpe (a character vocabulary is the text's characters)")
+    bpe_vocab = args.vocab_size or preset_vocab or 1024
+    if kind == "bpe" and bpe_vocab < 256:
+        parser.error(f"--vocab-size must be >= 256 (the 256 byte tokens), got {bpe_vocab}")
+    model_overrides = {"d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
+                       "n_kv_heads": args.n_kv_heads, "max_seq_len": args.max_seq_len, "dropout": args.dropout,
+                       "norm": args.norm, "mlp": args.mlp, "pos": args.pos, "window": args.window}
+    model_kwargs = {**model_kwargs, **{k: v for k, v in model_overrides.items() if v is not None}}
+    if args.n_heads is not None and args.n_kv_heads is None:
+        model_kwargs.pop("n_kv_heads", None)
+    if args.d_model is not None and args.n_heads is None and args.d_model % model_kwargs["n_heads"]:
+        parser.error(f"--d-model {args.d_model} is not divisible by the preset's {model_kwargs['n_heads']} heads; "
+                     "give --n-heads too")
+    if args.d_model is not None or args.mlp is not None:
+        model_kwargs.pop("d_ff", None)  # a preset's MLP width follows its own d_model and MLP
+    try:
+        GPTConfig(**{**model_kwargs, "vocab_size": 256 if kind == "bpe" else 65})  # shape checks, before any work
+    except (TypeError, ValueError) as err:
+        parser.error(f"model configuration: {err}")
     overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
-                 "precision": args.precision}
+                 "precision": args.precision, "block_size": args.block_size}
     train_kwargs = {**train_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
+    if args.block_size is None:
+        train_kwargs["block_size"] = min(train_kwargs["block_size"], model_kwargs["max_seq_len"])
+    if train_kwargs["block_size"] > model_kwargs["max_seq_len"]:
+        parser.error(f"--block-size {train_kwargs['block_size']} exceeds the context (--max-seq-len "
+                     f"{model_kwargs['max_seq_len']})")
     train_kwargs.update(compile=args.compile, tensorboard=args.tensorboard, progress=not args.no_progress)
     try:
         cfg = TrainConfig(**train_kwargs)
@@ -552,35 +734,49 @@ def main(argv: list[str] | None = None) -> int:
 
     text = load_shakespeare_text(args.data)
     train_text, val_text = train_val_split(text)
-    tokenizer = CharTokenizer.from_text(train_text)
+    if kind == "bpe":
+        tokenizer = BPETokenizer.train(train_text, vocab_size=bpe_vocab)  # the same on every rank: deterministic
+    else:
+        tokenizer = CharTokenizer.from_text(train_text)
     train_ids = torch.tensor(tokenizer.encode(train_text))
     val_ids = torch.tensor(tokenizer.encode(val_text))
+    if args.epochs is not None:
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+        cfg.max_steps = max(1, math.ceil(args.epochs * len(train_ids) / tokens_per_step))
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**{**model_kwargs, "vocab_size": tokenizer.vocab_size}))
     if rank == 0:
-        print(f"{args.preset}: {model.num_params():,} parameters, {len(train_ids):,} training tokens, "
+        epochs = cfg.max_steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / len(train_ids)
+        print(f"{args.preset}: {model.num_params():,} parameters, {kind} tokenizer ({tokenizer.vocab_size} tokens), "
+              f"{len(train_ids):,} training tokens, {cfg.max_steps} steps ({epochs:.2f} epochs), "
               f"{describe_device(device)}, precision {precision_for(device, cfg.precision)}, {world} process(es)")
     resume = out_dir / "checkpoint.safetensors" if args.resume else None
     start = time.perf_counter()
     history = train(model, train_ids, val_ids, cfg, device=device, out_dir=out_dir, resume_from=resume,
-                    stop_after=args.stop_after, extra={"tokenizer": tokenizer.name, "preset": args.preset})
+                    stop_after=args.stop_after,
+                    extra={"tokenizer": tokenizer_state(tokenizer), "preset": args.preset})
     wall = time.perf_counter() - start
     if rank == 0:
-        # Character-level: one token per character, so nats per token are nats per character.
         train_loss = evaluate_split(model, train_ids[: len(val_ids)], cfg.block_size, device=device)
         val_loss = evaluate_split(model, val_ids, cfg.block_size, device=device)
+        if kind == "char":  # one token per character: nats per token are nats per character
+            losses = {"train_nats_per_char": round(train_loss, 4), "val_nats_per_char": round(val_loss, 4)}
+        else:
+            losses = {"train_nats_per_token": round(train_loss, 4), "val_nats_per_token": round(val_loss, 4),
+                      # the same loss spread over the characters (comparable with a character model)
+                      "val_nats_per_char_approx": round(val_loss * len(val_ids) / len(val_text), 4)}
         record = {
-            "preset": args.preset, "parameters": model.num_params(), "steps": history.steps[-1] if history.steps else 0,
+            "preset": args.preset, "tokenizer": kind, "vocab_size": tokenizer.vocab_size,
+            "parameters": model.num_params(), "steps": history.steps[-1] if history.steps else 0,
             "tokens_seen": history.tokens[-1] if history.tokens else 0,
             "wall_time_s": round(history.elapsed[-1] if history.elapsed else wall, 1),
             "hardware": f"{describe_device(device)} ({platform.processor() or platform.machine()}), {world} process(es)",
-            "precision": precision_for(device, cfg.precision), "torch": torch.__version__,
-            "train_nats_per_char": round(train_loss, 4), "val_nats_per_char": round(val_loss, 4),
-            "eval": f"evaluate_split over consecutive {cfg.block_size}-character windows "
-                    "(train: its first len(val) characters; val: the last 10% of the text)",
-            "train_config": cfg.to_dict(),
+            "precision": precision_for(device, cfg.precision), "torch": torch.__version__, **losses,
+            "eval": f"evaluate_split over consecutive {cfg.block_size}-token windows "
+                    "(train: its first len(val) tokens; val: the last 10% of the text)",
+            "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
         }
-        print(json.dumps({k: v for k, v in record.items() if k != "train_config"}, indent=2))
+        print(json.dumps({k: v for k, v in record.items() if k not in ("train_config", "model_config")}, indent=2))
         if args.export:
             export_model(args.export, model, tokenizer, record)
             print(f"exported to {args.export}")

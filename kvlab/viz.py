@@ -97,14 +97,16 @@ def plot_bench(result: dict):
 
 
 def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0, head: int = 0,
-                        kind: str = "static", window: int | None = None) -> list[dict]:
+                        kind: str = "static", window: int | None = None, cache_len: int | None = None) -> list[dict]:
     """Record what one attention head sees at each decode step, for `animate_kv_dashboard`.
 
     Greedy-generates `steps` tokens after `idx` (1, T) with a cache of `kind` ("static",
     "dynamic" or "sliding" with `window`), and for each decode step stores, for `head` of
     `layer`: the query (D,), the cached keys and values (S, D), the position of each key
     (-1 = empty slot) and the attention weights (S,). The weights are recomputed from q and K
-    and checked against the layer's real output. Built in chapter 4 (the KV dashboard).
+    and checked against the layer's real output. A static cache holds `cache_len` positions
+    (default: the model's max_seq_len), one row each in the picture. Built in chapter 4 (the KV
+    dashboard).
     """
     from .attention import attention_reference, repeat_kv
     from .generate import decode_step, next_token, prefill
@@ -122,7 +124,14 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
         seen.update(q=q, k=k, v=v, mask=mask)
         return original(q, k, v, mask, is_causal, return_weights)
 
-    cache = model.new_cache(1, kind=kind, window=window) if kind != "static" else model.new_cache(1)
+    if kind != "static" and cache_len is not None:
+        raise ValueError(f"cache_len is for kind='static' only, got kind={kind!r}")
+    if cache_len is not None and (isinstance(cache_len, bool) or not isinstance(cache_len, int)
+                                  or not idx.size(1) + steps <= cache_len <= model.config.max_seq_len):
+        raise ValueError(f"cache_len must be an int in [{idx.size(1) + steps}, {model.config.max_seq_len}] (the "
+                         f"prompt + steps, up to max_seq_len), got {cache_len!r}")
+    cache = model.new_cache(1, kind=kind, window=window) if kind != "static" else \
+        model.new_cache(1, max_seq_len=cache_len)
     frames = []
     attn._finish = spy  # an instance attribute shadows the method for this one layer only
     try:

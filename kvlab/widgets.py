@@ -18,6 +18,13 @@ from .sampling import logits_to_probs
 
 __all__ = ["SamplingExplorer"]
 
+# The layout's sizes (see SamplingExplorer.__init__): labels up to "top-k (0=off)" fit in
+# DESCRIPTION_WIDTH; the controls column is at most CONTROLS_WIDTH wide (a label, a track of
+# about 220px and ipywidgets' readout); the button is never narrower than its label needs.
+DESCRIPTION_WIDTH = "100px"
+CONTROLS_WIDTH = "420px"
+BUTTON_MIN_WIDTH = "110px"
+
 
 class SamplingExplorer:
     """Sliders for temperature, top-k, top-p, min-p and a seed, a prompt box and a Generate button.
@@ -40,25 +47,37 @@ class SamplingExplorer:
         self.device = torch.device(device) if device is not None else model.device
         self.bars = bars
         vocab = model.config.vocab_size
-        style = {"description_width": "90px"}
-        layout = w.Layout(width="420px")
+        # Sized for the narrowest place the widget is shown, the book's text column (and a Colab
+        # cell beside its sidebar): every slider shows its label, its track and its value, and the
+        # button its whole label. The controls take at most CONTROLS_WIDTH and shrink with the
+        # column; the plot sits beside them when there is room and wraps below them when not.
+        style = {"description_width": DESCRIPTION_WIDTH}
+        layout = w.Layout(width="100%", min_width="0")
         # continuous_update=True: the distribution follows the slider while it moves.
         self.temperature = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="temperature",
-                                         style=style, layout=layout, continuous_update=True)
+                                         readout=True, readout_format=".2f", style=style, layout=layout,
+                                         continuous_update=True)
         self.top_k = w.IntSlider(value=0, min=0, max=min(vocab, 200), description="top-k (0=off)",
-                                 style=style, layout=layout, continuous_update=True)
+                                 readout=True, style=style, layout=layout, continuous_update=True)
         self.top_p = w.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="top-p (1=off)",
-                                   style=style, layout=layout, continuous_update=True)
+                                   readout=True, readout_format=".2f", style=style, layout=layout,
+                                   continuous_update=True)
         self.min_p = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="min-p (0=off)",
-                                   style=style, layout=layout, continuous_update=True)
-        self.seed = w.IntText(value=0, description="seed", style=style, layout=w.Layout(width="200px"))
+                                   readout=True, readout_format=".2f", style=style, layout=layout,
+                                   continuous_update=True)
+        self.seed = w.IntText(value=0, description="seed", style=style,
+                              layout=w.Layout(width="200px", min_width="160px", flex="0 1 auto"))
         self.max_new_tokens = w.IntSlider(value=max_new_tokens, min=1, max=1000, description="new tokens",
-                                          style=style, layout=layout, continuous_update=False)
+                                          readout=True, style=style, layout=layout, continuous_update=False)
         self.prompt = w.Textarea(value=prompt, description="prompt", style=style,
-                                 layout=w.Layout(width="420px", height="60px"), continuous_update=False)
-        self.button = w.Button(description="Generate", button_style="primary")
-        self.plot_out = w.Output()
-        self.text_out = w.Output(layout=w.Layout(border="1px solid #ddd", padding="4px"))
+                                 layout=w.Layout(width="100%", min_width="0", height="60px"), continuous_update=False)
+        # width "auto" sizes the button to its label, and flex "none" keeps a narrow row from
+        # shrinking it (a squeezed button shows "Ge…").
+        self.button = w.Button(description="Generate", button_style="primary", tooltip="sample a continuation",
+                               layout=w.Layout(width="auto", min_width=BUTTON_MIN_WIDTH, flex="none"))
+        self.plot_out = w.Output(layout=w.Layout(flex="1 1 360px", min_width="0", max_width="100%",
+                                                 overflow="auto"))
+        self.text_out = w.Output(layout=w.Layout(border="1px solid #ddd", padding="4px", width="100%"))
         self.status = w.HTML()
         self.probs_before: torch.Tensor | None = None
         self.probs_after: torch.Tensor | None = None
@@ -68,9 +87,16 @@ class SamplingExplorer:
             slider.observe(lambda change: self.redraw(), names="value")
         self.prompt.observe(lambda change: self._on_prompt(), names="value")
         self.button.on_click(lambda _: self.generate())
-        controls = w.VBox([self.prompt, self.temperature, self.top_k, self.top_p, self.min_p,
-                           w.HBox([self.seed, self.button]), self.max_new_tokens, self.status])
-        self.widget = w.VBox([w.HBox([controls, self.plot_out]), self.text_out])
+        buttons = w.HBox([self.seed, self.button], layout=w.Layout(width="100%", align_items="center",
+                                                                    justify_content="space-between"))
+        controls = w.VBox([self.prompt, self.temperature, self.top_k, self.top_p, self.min_p, buttons,
+                           self.max_new_tokens, self.status],
+                          layout=w.Layout(width=CONTROLS_WIDTH, max_width="100%", flex="0 1 auto"))
+        # flex-wrap: side by side in a wide notebook, the plot below the controls in a narrow column.
+        self.widget = w.VBox([w.Box([controls, self.plot_out],
+                                    layout=w.Layout(display="flex", flex_flow="row wrap", align_items="flex-start",
+                                                    width="100%")),
+                              self.text_out], layout=w.Layout(width="100%", max_width="100%"))
         self._on_prompt()
 
     # -- state ---------------------------------------------------------------------------------
@@ -121,7 +147,7 @@ class SamplingExplorer:
         order = torch.argsort(self.probs_before, descending=True)[: self.bars]
         labels = [repr(self.tokenizer.decode([int(i)]))[1:-1] or "∅" for i in order]
         kept = self.probs_after > 0
-        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        fig, ax = plt.subplots(figsize=(5.6, 3.0))
         x = torch.arange(len(order)).numpy()
         ax.bar(x - 0.2, self.probs_before[order].numpy(), width=0.4, color="#bbb", label="model")
         ax.bar(x + 0.2, self.probs_after[order].numpy(), width=0.4, color="tab:blue", label="after filters")

@@ -70,3 +70,96 @@ def test_runs_as_a_module_without_warnings(exported):
                              "--model", str(folder), "--max-new-tokens", "5"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ab")
+
+
+# -- streaming, checkpoints, sliding past the context ------------------------------------------
+
+
+def test_no_stream_prints_the_same_text_and_decode_time(exported, capsys):
+    folder, _, _ = exported
+    flags = ["--prompt", "ROMEO:", "--model", str(folder), "--max-new-tokens", "12", "--seed", "2"]
+    main(flags)
+    streamed = capsys.readouterr()
+    main(flags + ["--no-stream"])
+    plain = capsys.readouterr()
+    assert streamed.out.strip("\n") == plain.out.strip("\n")
+    assert "decode" in plain.err and "for 11 tokens" in plain.err and "tokens/s" in plain.err
+
+
+def test_tokens_are_streamed_one_at_a_time(exported):
+    import io
+
+    from kvlab.generate.__main__ import TextStream, stream_generate
+
+    _, model, tok = exported
+    idx = torch.tensor([tok.encode("ab")])
+    sink = io.StringIO()
+    stream = TextStream(tok, idx[0].tolist(), out=sink)
+    stream.flush()
+    seen = []
+
+    def on_token(token_id):
+        seen.append(sink.getvalue())  # what was printed before this token arrived
+        stream.push(token_id)
+
+    out, stats = stream_generate(model, idx, 10, on_token=on_token, temperature=0.9,
+                                 generator=torch.Generator().manual_seed(5))
+    expected = kvlab.generate(model, idx, 10, temperature=0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, expected)
+    assert [len(s) for s in seen] == list(range(2, 12))  # one more character on screen per token
+    assert sink.getvalue() == tok.decode(expected[0].tolist())
+    assert stats["new_tokens"] == 10 and stats["prefill_s"] > 0 and stats["decode_s"] > 0
+
+
+def test_a_token_ending_mid_character_is_held_back():
+    import io
+
+    from kvlab.generate.__main__ import TextStream
+
+    tok = kvlab.GPT2Tokenizer()
+    pieces = tok.encode("naïve café ☕")  # "☕" is three bytes, spread over two tokens
+    assert tok.decode(pieces[-1:]) == "\ufffd"
+    sink = io.StringIO()
+    stream = TextStream(tok, [], out=sink)
+    for i in pieces:
+        stream.push(i)
+        assert "\ufffd" not in sink.getvalue()
+    stream.flush()
+    assert sink.getvalue() == "naïve café ☕"
+
+
+def test_a_training_checkpoint_is_a_model(tmp_path, capsys):
+    from kvlab.tokenizers import tokenizer_state
+    from kvlab.train import save_checkpoint
+
+    tok = kvlab.CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(1)
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=tok.vocab_size, max_seq_len=32, d_model=16, n_layers=1,
+                                      n_heads=2)).eval()
+    path = save_checkpoint(tmp_path / "checkpoint.safetensors", model, extra={"tokenizer": tokenizer_state(tok)})
+    expected = tok.decode(kvlab.generate(model, torch.tensor([tok.encode("abc")]), 8, temperature=0)[0].tolist())
+    for where in (path, tmp_path):  # the file, or the run folder that holds it
+        assert main(["--prompt", "abc", "--model", str(where), "--max-new-tokens", "8", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.strip("\n") == expected
+    old = save_checkpoint(tmp_path / "old.safetensors", model, extra={"tokenizer": "char"})
+    with pytest.raises(SystemExit):
+        main(["--prompt", "abc", "--model", str(old)])
+    assert "does not store its tokenizer" in capsys.readouterr().err
+    old.write_bytes(b"garbage")
+    with pytest.raises(SystemExit):
+        main(["--prompt", "abc", "--model", str(old)])
+    assert f"{old} is not a valid kvlab checkpoint" in capsys.readouterr().err
+
+
+def test_a_sliding_model_generates_past_its_context(tmp_path, capsys):
+    tok = kvlab.CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(2)
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=tok.vocab_size, max_seq_len=16, d_model=16, n_layers=1,
+                                      n_heads=2, pos="rope", window=8)).eval()
+    kvlab.train.export_model(tmp_path, model, tok, {})
+    expected = kvlab.generate(model, torch.tensor([tok.encode("abc")]), 40, temperature=0)
+    for cache in ([], ["--no-cache"]):
+        main(["--prompt", "abc", "--model", str(tmp_path), "--max-new-tokens", "40", "--temperature", "0"] + cache)
+        captured = capsys.readouterr()
+        assert captured.out.strip("\n") == tok.decode(expected[0].tolist())
+        assert "40 new tokens" in captured.err and "went past the model's context of 16" in captured.err

@@ -49,8 +49,26 @@ def test_state_dict_path_and_prefixes():
     with torch.no_grad():
         torch.testing.assert_close(from_sd(x), from_model(x))
         torch.testing.assert_close(from_bare(x), from_model(x))
-    # Head count is invisible in the shapes: the default assumes GPT-2's 64-wide heads.
-    assert kvlab.from_hf_gpt2(bare).config.n_heads == 1
+    # Head count is invisible in the shapes: d_model=64 is not a GPT-2 size, so it must be given.
+    with pytest.raises(ValueError, match="n_heads"):
+        kvlab.from_hf_gpt2(bare)
+
+
+@pytest.mark.parametrize("d_model, n_head", [(96, 8), (32, 2)])
+def test_state_dict_without_n_heads_is_refused_unless_gpt2_sized(d_model, n_head):
+    """d_model=96 once silently became one head (logits off), d_model=32 zero heads (a confusing error)."""
+    hf = hf_gpt2(n_embd=d_model, n_layer=1, n_head=n_head, n_positions=16, vocab_size=30)
+    with pytest.raises(ValueError, match=rf"d_model={d_model}.*pass n_heads="):
+        kvlab.from_hf_gpt2(hf.state_dict())
+    model = kvlab.from_hf_gpt2(hf.state_dict(), n_heads=n_head)
+    x = torch.randint(0, 30, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_widths_give_gpt2_head_counts():
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=1, n_head=12, n_positions=8, vocab_size=10)).eval()
+    assert kvlab.from_hf_gpt2(hf.state_dict()).config.n_heads == 12
 
 
 def test_round_trip_to_hugging_face():
@@ -70,7 +88,7 @@ def test_missing_and_misshaped_keys_are_listed():
     del sd["transformer.ln_f.bias"]
     sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(64, 65)
     with pytest.raises(ValueError) as err:
-        kvlab.from_hf_gpt2(sd)
+        kvlab.from_hf_gpt2(sd, n_heads=4)
     msg = str(err.value)
     assert "missing keys (2)" in msg and "h.1.mlp.c_fc.weight" in msg and "ln_f.bias" in msg
     assert "mis-shaped keys (1)" in msg and "h.0.attn.c_proj.weight: expected (64, 64), got (64, 65)" in msg

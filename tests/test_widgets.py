@@ -77,3 +77,35 @@ def test_bad_arguments():
         SamplingExplorer(model, tok, prompt="")
     with pytest.raises(ValueError, match="bars"):
         SamplingExplorer(model, tok, bars=0)
+
+
+def _px(value):
+    assert value.endswith("px"), value
+    return float(value[:-2])
+
+
+def test_layout_shows_every_value_and_the_whole_button_label(explorer):
+    """The book's column is narrow: nothing may be squeezed until a slider's value or the button's
+    label disappears (they once read "Ge…" with no values). The browser test measures the rendered
+    widget; this checks the layout settings that make it fit, in any front end."""
+    from kvlab.widgets import BUTTON_MIN_WIDTH, CONTROLS_WIDTH, DESCRIPTION_WIDTH
+
+    sliders = [explorer.temperature, explorer.top_k, explorer.top_p, explorer.min_p, explorer.max_new_tokens]
+    longest = max(len(s.description) for s in sliders)
+    assert _px(DESCRIPTION_WIDTH) >= 7.5 * longest  # ~7px per character at the widgets' 13px font
+    for s in sliders:
+        assert s.readout, f"{s.description}: its value is not shown"
+        assert s.style.description_width == DESCRIPTION_WIDTH
+        assert s.layout.width == "100%"  # follows the controls column, never a fixed width wider than it
+    assert explorer.temperature.readout_format == ".2f"
+    b = explorer.button
+    assert b.description == "Generate" and b.layout.width == "auto" and b.layout.flex == "none"
+    assert _px(b.layout.min_width) >= _px(BUTTON_MIN_WIDTH) >= 9 * len(b.description)
+    # The controls: at most CONTROLS_WIDTH, never wider than the column.
+    row = explorer.widget.children[0]
+    controls, plot = row.children
+    assert controls.layout.width == CONTROLS_WIDTH and controls.layout.max_width == "100%"
+    assert "wrap" in row.layout.flex_flow  # the plot goes below the controls when the column is narrow
+    seed_row = next(c for c in controls.children if b in getattr(c, "children", ()))
+    assert _px(explorer.seed.layout.width) + _px(BUTTON_MIN_WIDTH) <= _px(CONTROLS_WIDTH)
+    assert seed_row.layout.width == "100%"

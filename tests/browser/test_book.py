@@ -423,6 +423,97 @@ def test_widgets_rendered(visits, page):
         "(is the widget embed script, vendor/html-manager/embed-amd.js, loading?)")
 
 
+# The sampling widget's controls, measured where they are drawn: each slider must show its
+# label, a usable track and its value, and each button its whole label, inside the text column.
+# (They once read "Ge…" with no values: the controls column was squeezed by the plot beside it.)
+MEASURE_WIDGET_CONTROLS = """() => {
+  const column = (document.querySelector("article") || document.querySelector("main") || document.body)
+                   .getBoundingClientRect();
+  const clipped = el => el.scrollWidth > el.clientWidth + 1;
+  // Visible: has a size, is not hidden, and is what the browser draws at its centre (not cut
+  // off by an overflow:hidden ancestor or covered by a neighbour).
+  const visible = el => {
+    const style = getComputedStyle(el);
+    if (style.display === "none" || style.visibility === "hidden" || Number(style.opacity) === 0) return false;
+    el.scrollIntoView({block: "center", inline: "nearest"});
+    const r = el.getBoundingClientRect();
+    if (r.width < 1 || r.height < 1) return false;
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    return hit !== null && (hit === el || el.contains(hit));
+  };
+  const box = el => { const r = el.getBoundingClientRect(); return {left: r.left, right: r.right, width: r.width}; };
+  const sliders = [...document.querySelectorAll(".jupyter-widgets.widget-slider")].map(el => {
+    const label = el.querySelector(".widget-label");
+    const readout = el.querySelector(".widget-readout");
+    const track = el.querySelector(".slider-container") || el.querySelector(".slider");
+    const column_now = (document.querySelector("article") || document.body).getBoundingClientRect();
+    return {
+      label: label ? label.textContent.trim() : null,
+      labelVisible: label ? visible(label) && !clipped(label) : false,
+      readout: readout ? (readout.textContent || readout.value || "").trim() : null,
+      readoutVisible: readout ? visible(readout) && !clipped(readout) : false,
+      trackWidth: track ? track.getBoundingClientRect().width : 0,
+      box: box(el), column: {left: column_now.left, right: column_now.right},
+    };
+  });
+  const buttons = [...document.querySelectorAll("button.jupyter-button, .jupyter-widgets.widget-button")].map(el => ({
+    text: el.textContent.trim(), clipped: clipped(el), visible: visible(el), box: box(el),
+    column: (() => { const c = (document.querySelector("article") || document.body).getBoundingClientRect();
+                     return {left: c.left, right: c.right}; })(),
+  }));
+  return {column: {left: column.left, right: column.right, width: column.width}, sliders, buttons};
+}"""
+
+# The book's layout on a laptop (the whole page, sidebars and all) and on a narrow window
+# where the sidebars fold away.
+WIDGET_VIEWPORTS = [{"width": 1280, "height": 900}, {"width": 800, "height": 900}]
+SAMPLING_PAGE = next((p for p in PAGES if p.endswith("_sampling")), None)
+
+
+def measure_widget_controls(context, url: str, viewport: dict) -> dict:
+    page = context.new_page()
+    try:
+        page.set_viewport_size(viewport)
+        page.goto(url, wait_until="load")
+        views = page.evaluate(f'document.querySelectorAll(\'script[type="{WIDGET_VIEW}"]\').length')
+        page.wait_for_function(f"n => {RENDERED_WIDGETS} >= n", arg=views, timeout=TIMEOUT_MS)
+        page.wait_for_load_state("networkidle")
+        return page.evaluate(MEASURE_WIDGET_CONTROLS)
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("viewport", WIDGET_VIEWPORTS, ids=lambda v: f"{v['width']}px")
+@pytest.mark.parametrize("page", WIDGET_PAGES)
+def test_widget_controls_fit_the_column(context, base_url, page, viewport):
+    """Every slider shows its label, a track and its value; every button its whole label."""
+    sizes = measure_widget_controls(context, f"{base_url}{page}.html", viewport)
+    problems = []
+    for s in sizes["sliders"]:
+        name = s["label"] or "(unlabelled slider)"
+        if not s["labelVisible"]:
+            problems.append(f"slider {name}: its label is hidden or cut off")
+        if not s["readout"] or not s["readoutVisible"]:
+            problems.append(f"slider {name}: its value is not visible (readout {s['readout']!r})")
+        if s["trackWidth"] < 100:
+            problems.append(f"slider {name}: its track is {s['trackWidth']:.0f}px wide (< 100px)")
+        if s["box"]["right"] > s["column"]["right"] + 1 or s["box"]["left"] < s["column"]["left"] - 1:
+            problems.append(f"slider {name}: sticks out of the text column ({s['box']} vs {s['column']})")
+    for b in sizes["buttons"]:
+        if b["clipped"] or not b["visible"]:
+            problems.append(f"button {b['text']!r}: its label is cut off or hidden (width {b['box']['width']:.0f}px)")
+        if b["box"]["right"] > b["column"]["right"] + 1:
+            problems.append(f"button {b['text']!r}: sticks out of the text column")
+    if page == SAMPLING_PAGE:
+        labels = {s["label"] for s in sizes["sliders"]}
+        for expected in ("temperature", "top-k (0=off)", "top-p (1=off)", "min-p (0=off)"):
+            if expected not in labels:
+                problems.append(f"the sampling widget has no {expected!r} slider (found {sorted(map(str, labels))})")
+        if not any(b["text"] == "Generate" for b in sizes["buttons"]):
+            problems.append("the sampling widget has no button reading 'Generate'")
+    assert not problems, f"{page} at {viewport['width']}px:{lines(problems)}"
+
+
 # --- the rest of the site -------------------------------------------------------------
 
 
