@@ -131,7 +131,7 @@ def execute_notebook(path: str | Path, *, timeout: int = 600, cwd: str | Path | 
 
 def grade_executed(nb, name: str = "") -> Grade:
     """Pass/fail for each exercise of an executed notebook: an error or a "not done" line is a fail."""
-    from .checks._common import is_not_done_line
+    from .checks._common import NOT_DONE_MARK, is_not_done_line
 
     grade = Grade(notebook=name)
     for label, index in exercises_in(nb):
@@ -145,7 +145,8 @@ def grade_executed(nb, name: str = "") -> Grade:
             first_line = (errors[0].get("evalue", "").splitlines() or [""])[0]
             grade.results[label] = f"fail: {errors[0].get('ename')}: {first_line[:200]}"
         elif not_done:
-            grade.results[label] = f"fail: not done: {not_done[0][:200]}"
+            reason = not_done[0][len(NOT_DONE_MARK):].split(" (not done yet")[0]
+            grade.results[label] = f"fail: not done: {reason[:200]}"
         else:
             grade.results[label] = "pass"
     return grade
