@@ -72,10 +72,15 @@ def test_top_p_stub(assert_not_done):
     assert_not_done(lambda: check_top_p_filter(stub))
 
 
-@pytest.mark.parametrize("wrong", [top_p_one_short, top_p_may_keep_nothing, top_p_wrong_end, top_p_returns_probs,
-                                   top_p_in_place])
-def test_top_p_catches_mistakes(wrong):
-    with pytest.raises(AssertionError):
+@pytest.mark.parametrize("wrong, hint", [
+    (top_p_one_short, "keeps the wrong tokens"),
+    (top_p_may_keep_nothing, "removed every token"),
+    (top_p_wrong_end, "keeps the wrong tokens"),
+    (top_p_returns_probs, "keeps the wrong tokens"),
+    (top_p_in_place, "in place"),
+])
+def test_top_p_catches_mistakes(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
         check_top_p_filter(wrong)
 
 
