@@ -1,9 +1,13 @@
 """Chapter 7's exercise checks: they pass right answers and catch the stub and plausible mistakes."""
 
+import math
+
 import pytest
 import torch
 
-from kvlab.checks.sampling import check_min_p_filter, check_top_p_filter, check_top_prob_at_temperature
+from kvlab.checks import sampling
+from kvlab.checks.sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,
+                                    check_temperature_for_half, check_top_p_filter)
 
 
 def stub(*args, **kwargs):
@@ -68,10 +72,15 @@ def test_top_p_stub(assert_not_done):
     assert_not_done(lambda: check_top_p_filter(stub))
 
 
-@pytest.mark.parametrize("wrong", [top_p_one_short, top_p_may_keep_nothing, top_p_wrong_end, top_p_returns_probs,
-                                   top_p_in_place])
-def test_top_p_catches_mistakes(wrong):
-    with pytest.raises(AssertionError):
+@pytest.mark.parametrize("wrong, hint", [
+    (top_p_one_short, "keeps the wrong tokens"),
+    (top_p_may_keep_nothing, "removed every token"),
+    (top_p_wrong_end, "keeps the wrong tokens"),
+    (top_p_returns_probs, "keeps the wrong tokens"),
+    (top_p_in_place, "in place"),
+])
+def test_top_p_catches_mistakes(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
         check_top_p_filter(wrong)
 
 
@@ -80,87 +89,191 @@ def test_top_p_hint_for_one_short():
         check_top_p_filter(top_p_one_short)
 
 
-# --------------------------------------------------------------------------- min-p
+# --------------------------------------------------------------------------- min-p under temperature
 
 
-def min_p_solution(logits, min_p):
-    probs = logits.softmax(dim=-1)
-    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+def equivalent_min_p_solution(min_p, t):
+    return min_p ** t
 
 
-def min_p_via_log(logits, min_p):  # the same rule in log space: logit >= max logit + log(min_p)
-    import math
-    cut = logits.amax(-1, keepdim=True) + (math.log(min_p) if min_p > 0 else float("-inf"))
-    return logits.masked_fill(logits < cut, float("-inf"))
+def test_equivalent_min_p_passes_a_solution(capsys):
+    check_equivalent_min_p(equivalent_min_p_solution)
+    assert "my_equivalent_min_p: all checks passed" in capsys.readouterr().out
 
 
-def min_p_on_logits(logits, min_p):  # thresholds the logits instead of the probabilities
-    return logits.masked_fill(logits < min_p * logits.amax(-1, keepdim=True), float("-inf"))
+def test_equivalent_min_p_is_right_on_real_filters():
+    """The answer the check wants really makes the two filters keep the same tokens."""
+    from kvlab.sampling import min_p_filter
+    logits = torch.randn(8, 65, generator=torch.Generator().manual_seed(5)) * 3
+    for min_p, t in ((0.1, 0.5), (0.05, 2.0), (0.3, 0.8)):
+        a = torch.isfinite(min_p_filter(logits / t, min_p))
+        b = torch.isfinite(min_p_filter(logits, equivalent_min_p_solution(min_p, t)))
+        assert torch.equal(a, b)
 
 
-def min_p_absolute(logits, min_p):  # a fixed threshold, not scaled by the top probability
-    return logits.masked_fill(logits.softmax(-1) < min_p, float("-inf"))
+def test_equivalent_min_p_stub(assert_not_done):
+    assert_not_done(lambda: check_equivalent_min_p(stub))
 
 
-def test_min_p_passes_solutions(capsys):
-    check_min_p_filter(min_p_solution)
-    check_min_p_filter(min_p_via_log)
-    assert capsys.readouterr().out.count("passed") == 2
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda m, t: m ** (1 / t), "upside down"),
+    (lambda m, t: m * t, "log\\*-probabilities"),
+    (lambda m, t: m / t, "log\\*-probabilities"),
+    (lambda m, t: m, "condition on p_i / p_max"),
+    (lambda m, t: str(m), "return a number"),
+])
+def test_equivalent_min_p_catches(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_equivalent_min_p(wrong)
 
 
-def test_min_p_stub(assert_not_done):
-    assert_not_done(lambda: check_min_p_filter(stub))
+# --------------------------------------------------------------------------- temperature for one half
 
 
-@pytest.mark.parametrize("wrong", [min_p_on_logits, min_p_absolute])
-def test_min_p_catches_mistakes(wrong):
-    with pytest.raises(AssertionError):
-        check_min_p_filter(wrong)
+def half_solution(logits):
+    top = lambda t: float((logits.double() / t).softmax(-1).max())  # noqa: E731
+    lo, hi = 1e-6, 1.0
+    while top(hi) > 0.5:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if top(mid) > 0.5 else (lo, mid)
+    return (lo + hi) / 2
 
 
-# --------------------------------------------------------------------------- temperature
+def half_multiplies(logits):  # solves softmax(logits * T).max() = 1/2
+    return 1 / half_solution(logits)
 
 
-def top_prob_solution(logits, t):
-    return torch.softmax(logits / t, dim=-1).amax(dim=-1)
+def half_capped(logits):  # searches only up to T = 1
+    top = lambda t: float((logits / t).softmax(-1).max())  # noqa: E731
+    lo, hi = 1e-6, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if top(mid) > 0.5 else (lo, mid)
+    return (lo + hi) / 2
 
 
-def top_prob_naive_exp(logits, t):  # right formula, but exp() overflows for small t
-    e = torch.exp(logits / t)
-    return (e / e.sum(-1, keepdim=True)).amax(-1)
+def half_coarse(logits):  # a grid of 0.25 instead of a search
+    grid = [0.25 * i for i in range(1, 400)]
+    return min(grid, key=lambda t: abs(float((logits / t).softmax(-1).max()) - 0.5))
 
 
-def top_prob_divides_probs(logits, t):  # temperature applied to probabilities, then renormalised
-    p = logits.softmax(-1) / t
-    return (p / p.sum(-1, keepdim=True)).amax(-1)
+def test_half_passes_a_solution(capsys):
+    check_temperature_for_half(half_solution)
+    assert "my_temperature_for_half: all checks passed" in capsys.readouterr().out
 
 
-def top_prob_multiplies(logits, t):
-    return torch.softmax(logits * t, dim=-1).amax(dim=-1)
+def test_half_stub(assert_not_done):
+    assert_not_done(lambda: check_temperature_for_half(stub))
 
 
-def top_prob_returns_index(logits, t):
-    return torch.softmax(logits / t, dim=-1).argmax(dim=-1)
+@pytest.mark.parametrize("wrong, hint", [
+    (half_multiplies, "multiplies"),
+    (half_capped, "top probability is"),
+    (half_coarse, "top probability is"),
+    (lambda z: 0.5, "top probability is"),
+    (lambda z: -1.0, "a number > 0"),
+])
+def test_half_catches(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_temperature_for_half(wrong)
 
 
-def test_top_prob_passes_a_solution(capsys):
-    check_top_prob_at_temperature(top_prob_solution)
-    assert "passed" in capsys.readouterr().out
+# --------------------------------------------------------------------------- repetition penalty
 
 
-def test_top_prob_stub(assert_not_done):
-    assert_not_done(lambda: check_top_prob_at_temperature(stub))
+def penalty_solution(logits, previous, penalty):
+    seen = torch.unique(previous)
+    out = logits.clone()
+    v = out[seen]
+    out[seen] = torch.where(v > 0, v / penalty, v * penalty)
+    return out
 
 
-@pytest.mark.parametrize("wrong", [top_prob_divides_probs, top_prob_multiplies, top_prob_returns_index])
-def test_top_prob_catches_mistakes(wrong):
-    with pytest.raises(AssertionError):
-        check_top_prob_at_temperature(wrong)
+def penalty_divides_all(logits, previous, penalty):  # negative logits move up
+    out = logits.clone()
+    out[torch.unique(previous)] /= penalty
+    return out
 
 
-def test_top_prob_overflow_hint():
-    with pytest.raises(AssertionError, match="overflow"):
-        check_top_prob_at_temperature(top_prob_naive_exp)
+def penalty_per_occurrence(logits, previous, penalty):  # penalises a token once per time it appeared
+    out = logits.clone()
+    for i in previous.tolist():
+        out[i] = out[i] / penalty if out[i] > 0 else out[i] * penalty
+    return out
+
+
+def penalty_everyone(logits, previous, penalty):  # penalises every token
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
+
+
+def penalty_in_place(logits, previous, penalty):
+    seen = torch.unique(previous)
+    logits[seen] = penalty_solution(logits, previous, penalty)[seen]
+    return logits
+
+
+def test_penalty_passes_a_solution(capsys):
+    check_repetition_penalty(penalty_solution)
+    assert "my_repetition_penalty: all checks passed" in capsys.readouterr().out
+
+
+def test_penalty_stub(assert_not_done):
+    assert_not_done(lambda: check_repetition_penalty(stub))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (penalty_divides_all, "negative"),
+    (penalty_per_occurrence, "once per token"),
+    (penalty_everyone, "not in `previous`"),
+    (penalty_in_place, "in place"),
+])
+def test_penalty_catches(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_repetition_penalty(wrong)
+
+
+# --------------------------------------------------------------------------- the penalty experiment
+
+
+def penalty_experiment_solution(penalty):
+    """The chapter's experiment written out on its own: greedy, 150 characters, context cut to
+    the window, the penalty over every id so far."""
+    from kvlab import load_shakespeare
+    model, tok = load_shakespeare(device="cpu")
+    ids = torch.tensor([tok.encode("ROMEO:\n")])
+    with torch.inference_mode():
+        for _ in range(150):
+            logits = model(ids[:, -model.config.max_seq_len:])[0, -1].float()
+            ids = torch.cat([ids, penalty_solution(logits, ids[0], penalty).argmax().view(1, 1)], dim=1)
+    text = tok.decode(ids[0, -150:].tolist())
+    pairs = list(zip(text.split(), text.split()[1:]))
+    return len(set(pairs)) / max(len(pairs), 1)
+
+
+def test_penalty_experiment_passes_the_run_done_independently(capsys):
+    check_penalty_distinct_2(penalty_experiment_solution(1.1))
+    assert "my_penalty_distinct_2: all checks passed" in capsys.readouterr().out
+
+
+def test_penalty_experiment_not_done(assert_not_done):
+    assert_not_done(lambda: check_penalty_distinct_2(None))
+
+
+@pytest.mark.parametrize("answer, hint", [
+    (0.38, "plain greedy"),
+    (0.9, "does not match"),
+    (1.5, "between 0 and 1"),
+    ("0.9", "should be a number"),
+])
+def test_penalty_experiment_catches(answer, hint, monkeypatch):
+    texts = {1.1: "a b c d e f g h", 1.0: "a b a b a b a b c"}  # distinct-2 1 and 3/8
+    monkeypatch.setattr(sampling, "_penalized_greedy_text", lambda penalty: texts[penalty])
+    expected = {p: sampling._distinct_2([t]) for p, t in texts.items()}
+    assert abs(expected[1.1] - 1.0) < 1e-9 and abs(expected[1.0] - 0.375) < 1e-9
+    with pytest.raises(AssertionError, match=hint):
+        check_penalty_distinct_2(answer)
 
 
 def test_checks_leave_the_global_random_state_alone():
@@ -168,6 +281,7 @@ def test_checks_leave_the_global_random_state_alone():
     expected = torch.rand(3)
     torch.manual_seed(123)
     check_top_p_filter(top_p_solution)
-    check_min_p_filter(min_p_solution)
-    check_top_prob_at_temperature(top_prob_solution)
+    check_equivalent_min_p(equivalent_min_p_solution)
+    check_temperature_for_half(half_solution)
+    check_repetition_penalty(penalty_solution)
     assert torch.equal(torch.rand(3), expected)

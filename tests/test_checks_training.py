@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from kvlab.checks.training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups
+from kvlab.checks import training
+from kvlab.checks.training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at
 
 
 def stub(*args, **kwargs):
@@ -82,185 +83,165 @@ def test_lr_check_catches(wrong, hint):
         check_lr_at(wrong)
 
 
-# --------------------------------------------------------------------------- parameter groups
+# --------------------------------------------------------------------------- unequal micro-batches
 
 
-def groups_solution(model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+def accum_solution(sizes):
+    return [n / sum(sizes) for n in sizes]
 
 
-def groups_decay_everything(model):
-    return list(model.parameters()), []
+def accum_one_over_k(sizes):  # right only when the micro-batches are equal
+    return [1 / len(sizes)] * len(sizes)
 
 
-def groups_embeddings_left_out(model):  # "embeddings don't decay", a common variant
-    decay, no_decay = groups_solution(model)
-    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return [p for p in decay if id(p) not in emb], no_decay + [p for p in decay if id(p) in emb]
+def accum_no_division(sizes):
+    return [1.0] * len(sizes)
 
 
-def groups_by_name_weight(model):  # decays every "*.weight", so the LayerNorm gains too
-    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    return decay, no_decay
+def accum_sizes(sizes):  # weights by size but forgets to normalise
+    return [float(n) for n in sizes]
 
 
-def groups_tied_twice(model):  # walks the modules, so the tied matrix shows up twice
-    decay, no_decay = [], []
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return decay, no_decay
+def accum_inverse(sizes):  # normalised, but the short micro-batch gets the big weight
+    inv = [1 / n for n in sizes]
+    return [w / sum(inv) for w in inv]
 
 
-def groups_forgets_no_decay(model):
-    return groups_solution(model)[0], []
+def test_accum_check_passes_a_solution(capsys):
+    check_accum_weights(accum_solution)
+    assert "my_accum_weights: all checks passed" in capsys.readouterr().out
 
 
-def groups_names(model):
-    decay, no_decay = groups_solution(model)
-    return [n for n, p in model.named_parameters() if p.dim() >= 2], [n for n, p in model.named_parameters()
-                                                                       if p.dim() < 2]
-
-
-def test_param_groups_check_passes_a_solution(capsys):
-    check_param_groups(groups_solution)
-    assert "my_param_groups: all checks passed" in capsys.readouterr().out
-
-
-def test_param_groups_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_param_groups(stub))
+def test_accum_check_fails_the_stub(assert_not_done):
+    assert_not_done(lambda: check_accum_weights(stub))
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (groups_decay_everything, "should not decay"),
-    (groups_embeddings_left_out, "embedding tables included"),
-    (groups_by_name_weight, "should not decay"),
-    (groups_tied_twice, "more than once"),
-    (groups_forgets_no_decay, "neither group"),
-    (groups_names, "not one of the model's parameters"),
+    (accum_one_over_k, "equal weights of 1/k"),
+    (accum_no_division, "add up to"),
+    (accum_sizes, "add up to"),
+    (accum_inverse, "not shared out right"),
+    (lambda sizes: "1/k", "list of numbers"),
 ])
-def test_param_groups_check_catches(wrong, hint):
+def test_accum_check_catches(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
-        check_param_groups(wrong)
+        check_accum_weights(wrong)
 
 
-# --------------------------------------------------------------------------- cross-entropy
+def test_accum_weights_give_the_big_batch_gradient():
+    """The rule the check wants really reproduces the big batch's gradient (and 1/k does not)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(12, 5), torch.randint(3, (12,))
+    sizes = [5, 5, 2]
+
+    def grads(weights):
+        model.zero_grad()
+        for w, xm, ym in zip(weights, x.split(sizes), y.split(sizes)):
+            (torch.nn.functional.cross_entropy(model(xm), ym) * w).backward()
+        return model.weight.grad.clone()
+
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    big = model.weight.grad.clone()
+    torch.testing.assert_close(grads(accum_solution(sizes)), big)
+    assert not torch.allclose(grads(accum_one_over_k(sizes)), big, atol=1e-4)
 
 
-def ce_solution(logits, targets):
-    shifted = logits - logits.max(dim=-1, keepdim=True).values
-    log_probs = shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
-    return -log_probs.gather(-1, targets[..., None]).mean()
+# --------------------------------------------------------------------------- a fresh BPE model
 
 
-def ce_unstable(logits, targets):  # no max subtraction: exp overflows for large logits
-    log_probs = (logits.exp() / logits.exp().sum(dim=-1, keepdim=True)).log()
-    return -log_probs.gather(-1, targets[..., None]).mean()
+@pytest.fixture(scope="module")
+def bpe_ref():
+    return training._bpe_init_loss()
 
 
-def ce_wrong_dim(logits, targets):  # normalises over the time axis instead of the vocabulary
-    log_probs = logits.log_softmax(dim=1)
-    return -log_probs.gather(-1, targets[..., None]).mean()
+def test_init_loss_check_passes_the_answer(capsys, bpe_ref):
+    check_init_loss_per_char(bpe_ref["ln_v"] / bpe_ref["chars_per_token"])
+    assert "my_init_loss_per_char: all checks passed" in capsys.readouterr().out
 
 
-def ce_sum(logits, targets):  # sums instead of averaging
-    return -logits.log_softmax(-1).gather(-1, targets[..., None]).sum()
+def test_init_loss_answer_is_below_the_character_model(bpe_ref):
+    # The point of the exercise: per character, a fresh BPE model already scores under ln 65.
+    assert bpe_ref["ln_v"] / bpe_ref["chars_per_token"] < math.log(65)
+    assert 2.0 < bpe_ref["chars_per_token"] < 2.6
 
 
-def ce_per_position(logits, targets):  # forgets to average at all
-    return -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-
-
-def test_cross_entropy_check_passes_a_solution(capsys):
-    check_cross_entropy(ce_solution)
-    assert "my_cross_entropy: all checks passed" in capsys.readouterr().out
-
-
-def test_cross_entropy_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_cross_entropy(stub))
+def test_init_loss_check_not_done(assert_not_done):
+    assert_not_done(lambda: check_init_loss_per_char(None))
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (ce_unstable, "overflows"),
-    (ce_wrong_dim, "vocabulary dimension"),
-    (ce_sum, "average"),
-    (ce_per_position, "wrong shape|scalar"),
+    (lambda r: r["ln_v"], "per \\*token\\*"),
+    (lambda r: r["ln_v"] * r["chars_per_token"], "must be smaller than per token"),
+    (lambda r: math.log(65), "ln 65"),
+    (lambda r: 1.0, "not it"),
+    (lambda r: "3.1", "should be a number"),
 ])
-def test_cross_entropy_check_catches(wrong, hint):
+def test_init_loss_check_catches(wrong, hint, bpe_ref, monkeypatch):
+    monkeypatch.setattr(training, "_bpe_init_loss", lambda: bpe_ref)  # train the BPE once for all cases
     with pytest.raises(AssertionError, match=hint):
-        check_cross_entropy(wrong)
+        check_init_loss_per_char(wrong(bpe_ref))
 
 
-# --------------------------------------------------------------------------- gradient clipping
+# --------------------------------------------------------------------------- dropout experiment
 
 
-def clip_solution(params, max_norm):
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    factor = min(1.0, max_norm / (total.item() + 1e-6))
-    for g in grads:
-        g.mul_(factor)
-    return total
+def dropout_solution():
+    """The experiment as the chapter's solution runs it, written out independently of the check."""
+    from kvlab import CharTokenizer, GPT, GPTConfig
+    from kvlab.data import load_shakespeare_text, train_val_split
+    from kvlab.train import TrainConfig, evaluate_split, train
+
+    train_text, val_text = train_val_split(load_shakespeare_text())
+    tok = CharTokenizer.from_text(train_text)
+    train_part = torch.tensor(tok.encode(train_text))[:3000]
+    val_part = torch.tensor(tok.encode(val_text))[:10_000]
+    cfg = TrainConfig(batch_size=16, block_size=32, max_steps=200, warmup_steps=10, lr=3e-3, min_lr=3e-4,
+                      eval_interval=200, eval_batches=1, progress=False, seed=0)
+    runs = {}
+    for p in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, max_seq_len=32, d_model=64, n_layers=2, n_heads=4,
+                              dropout=p))
+        train(model, train_part, val_part, cfg, device="cpu")
+        runs[p] = (evaluate_split(model, train_part, 32), evaluate_split(model, val_part, 32))
+    return runs
 
 
-def clip_per_tensor(params, max_norm):  # clips each tensor on its own
-    total = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None))
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(min(1.0, max_norm / (p.grad.norm().item() + 1e-6)))
-    return total
+def test_dropout_check_passes_the_experiment_run_independently(capsys):
+    runs = dropout_solution()
+    gap = {p: val - tr for p, (tr, val) in runs.items()}
+    lower = min(runs, key=lambda p: runs[p][1])
+    check_dropout_gap(gap[0.0] - gap[0.3], lower)
+    assert "all checks passed" in capsys.readouterr().out
+    assert gap[0.3] < gap[0.0]  # what the exercise is about: dropout narrows the gap
 
 
-def clip_always_rescale(params, max_norm):  # scales small gradients up to max_norm too
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    for g in grads:
-        g.mul_(max_norm / total)
-    return total
+def test_dropout_check_not_done(assert_not_done):
+    assert_not_done(lambda: check_dropout_gap(None, None))
+    assert_not_done(lambda: check_dropout_gap(0.1, None))
 
 
-def clip_returns_after(params, max_norm):  # returns the norm after clipping
-    clip_solution(params, max_norm)
-    return torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None))
+FAKE_RUNS = {0.0: (2.05, 2.86), 0.3: (2.29, 2.94)}  # gaps 0.81 and 0.65; dropout 0 has the lower val loss
 
 
-def clip_sum_of_norms(params, max_norm):  # adds the per-tensor norms instead of their squares
-    grads = [p.grad for p in params if p.grad is not None]
-    total = sum(g.norm() for g in grads)
-    for g in grads:
-        g.mul_(min(1.0, max_norm / (total.item() + 1e-6)))
-    return total
-
-
-def clip_not_in_place(params, max_norm):  # scales copies of the gradients
-    grads = [p.grad.clone() for p in params if p.grad is not None]
-    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    grads = [g * min(1.0, max_norm / (total.item() + 1e-6)) for g in grads]
-    return total
-
-
-def test_clip_check_passes_a_solution(capsys):
-    check_clip_grad_norm(clip_solution)
-    assert "my_clip_grad_norm: all checks passed" in capsys.readouterr().out
-
-
-def test_clip_check_passes_torch_itself():
-    check_clip_grad_norm(torch.nn.utils.clip_grad_norm_)
-
-
-def test_clip_check_fails_the_stub(assert_not_done):
-    assert_not_done(lambda: check_clip_grad_norm(stub))
-
-
-@pytest.mark.parametrize("wrong, hint", [
-    (clip_per_tensor, "one global norm"),
-    (clip_always_rescale, "below max_norm"),
-    (clip_returns_after, "before clipping"),
-    (clip_sum_of_norms, "global L2 norm"),
-    (clip_not_in_place, "after clipping is wrong"),
+@pytest.mark.parametrize("shrink, choice, hint", [
+    (-0.16, 0.0, "wrong sign"),
+    (0.81, 0.0, "one run's gap"),
+    (-0.08, 0.0, "validation losses only"),
+    (0.5, 0.0, "does not match"),
+    (0.16, 0.3, "compare the two runs' \\*validation\\* losses"),
+    (0.16, 0.5, "should be 0.0 or 0.3"),
 ])
-def test_clip_check_catches(wrong, hint):
+def test_dropout_check_catches(shrink, choice, hint, monkeypatch):
+    monkeypatch.setattr(training, "_dropout_runs", lambda: FAKE_RUNS)
     with pytest.raises(AssertionError, match=hint):
-        check_clip_grad_norm(wrong)
+        check_dropout_gap(shrink, choice)
+
+
+def test_dropout_check_accepts_either_choice_on_a_tie(monkeypatch, capsys):
+    monkeypatch.setattr(training, "_dropout_runs", lambda: {0.0: (2.0, 2.9), 0.3: (2.2, 2.905)})
+    check_dropout_gap(0.195, 0.3)
+    check_dropout_gap(0.195, 0.0)
+    assert capsys.readouterr().out.count("all checks passed") == 2

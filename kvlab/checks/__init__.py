@@ -22,7 +22,8 @@ from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_g
                       check_padding_mask, check_saved_projections)
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
-from .training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups  # noqa: F401
+from .training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at  # noqa: F401
 from .measuring import check_decode_bytes, check_kl_divergence, check_time_steps  # noqa: F401
-from .sampling import check_min_p_filter, check_top_p_filter, check_top_prob_at_temperature  # noqa: F401
+from .sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,  # noqa: F401
+                       check_temperature_for_half, check_top_p_filter)
 from .serving import check_block_size_waste, check_gather_kv, check_left_pad  # noqa: F401

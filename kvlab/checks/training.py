@@ -1,11 +1,11 @@
-"""Checks for chapter 6's exercises: the learning-rate schedule, AdamW's parameter groups,
-cross-entropy by hand and global gradient clipping.
+"""Checks for chapter 6's exercises: the learning-rate schedule, weighting unequal
+micro-batches, the loss of a fresh BPE model in nats per character, and the dropout experiment.
 
-Each check compares the learner's function with kvlab's or PyTorch's own (`kvlab.train.lr_at`,
-`kvlab.train.configure_optimizer`, `F.cross_entropy`, `torch.nn.utils.clip_grad_norm_`) on
-several sizes and edge cases. Inputs come from private `torch.Generator`s and models are built
-inside `torch.random.fork_rng`, so a check never moves the notebook's random state. Built in
-chapter 6.
+The schedule is compared with `kvlab.train.lr_at` at every step of several schedules. The two
+value answers are computed live on the reader's machine: the BPE is trained on the training
+split, and the dropout experiment is run again with the recipe the exercise states. Models are
+built and trained inside `torch.random.fork_rng`, so a check never moves the notebook's random
+state. Built in chapter 6.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..gpt import GPT, GPTConfig
-from ._common import call_learner, close, passed, learner_check
+from ._common import call_learner, learner_check, passed, require_answer
 
 # kvlab.train is imported inside each check, not here: kvlab/__init__ imports the checks, and a
 # module-level import would load kvlab.train with the package, which makes `python -m kvlab.train`
 # run a module that is already imported (see _LAZY in kvlab/__init__.py).
 
-__all__ = ["check_lr_at", "check_param_groups", "check_cross_entropy", "check_clip_grad_norm"]
+__all__ = ["check_lr_at", "check_accum_weights", "check_init_loss_per_char", "check_dropout_gap"]
 
 
 # --------------------------------------------------------------------------- the schedule
@@ -69,138 +68,164 @@ def check_lr_at(fn: Callable) -> None:
     passed("my_lr_at")
 
 
-# --------------------------------------------------------------------------- parameter groups
+# --------------------------------------------------------------------------- unequal micro-batches
+
+# Window counts of the micro-batches; the unequal ones are where a rule of 1/k goes wrong.
+_ACCUM_CASES = [[16, 16, 16, 8], [8, 8], [1, 31], [5, 5, 5], [32], [3, 7, 2, 9, 1]]
 
 
-def _group_models() -> list[tuple[str, GPT]]:
-    configs = [
-        ("GPT-2 style, tied embeddings", dict(vocab_size=40, max_seq_len=16, d_model=16, n_layers=2, n_heads=2)),
-        ("modern (RMSNorm, SwiGLU, RoPE, no biases, untied)",
-         dict(vocab_size=40, max_seq_len=16, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, norm="rmsnorm",
-              mlp="swiglu", pos="rope", bias=False, tie_embeddings=False)),
-        ("one layer, untied, with biases", dict(vocab_size=30, max_seq_len=8, d_model=8, n_layers=1, n_heads=2,
-                                                tie_embeddings=False)),
-    ]
-    models = []
+def _as_floats(got, what: str) -> list[float]:
+    if isinstance(got, torch.Tensor):
+        got = got.tolist()
+    if not isinstance(got, (list, tuple)) or not all(
+            isinstance(g, (int, float)) and not isinstance(g, bool) for g in got):
+        raise AssertionError(f"{what} returned {got!r}; return a list of numbers, one weight per micro-batch.")
+    return [float(g) for g in got]
+
+
+@learner_check
+def check_accum_weights(fn: Callable) -> None:
+    """`fn(sizes) -> list of floats`: the factor each micro-batch's mean loss is multiplied by
+    before `backward()`, so that the accumulated gradient equals the gradient of the mean loss
+    over all the windows together (micro-batch i holds sizes[i] windows of equal length)."""
+    for sizes in _ACCUM_CASES:
+        call = f"my_accum_weights({sizes})"
+        got = _as_floats(call_learner(fn, list(sizes), name="my_accum_weights"), call)
+        if len(got) != len(sizes):
+            raise AssertionError(f"{call} returned {len(got)} weights for {len(sizes)} micro-batches.")
+        total = sum(sizes)
+        expected = [n / total for n in sizes]
+        if all(math.isclose(g, e, rel_tol=1e-6, abs_tol=1e-9) for g, e in zip(got, expected)):
+            continue
+        k = len(sizes)
+        if all(math.isclose(g, 1 / k, rel_tol=1e-6) for g in got):
+            raise AssertionError(f"{call} = {got}: equal weights of 1/k are right only when every micro-batch "
+                                 "holds the same number of windows. Here a window in a short micro-batch would "
+                                 "count for more than a window in a full one.")
+        if not math.isclose(sum(got), 1.0, rel_tol=1e-6):
+            raise AssertionError(f"{call}: your weights add up to {sum(got):.4g}. The big batch's loss is one mean "
+                                 "over all its windows, and the gradient of a mean is a mean: how much of that "
+                                 "mean does each micro-batch's own mean make up?")
+        raise AssertionError(f"{call} = {got}: the weights add up to 1 but are not shared out right. Each "
+                             "micro-batch's mean loss covers sizes[i] windows of the whole batch.")
+    passed("my_accum_weights")
+
+
+# --------------------------------------------------------------------------- a fresh BPE model
+
+
+def _bpe_init_loss() -> dict[str, float]:
+    """ln V for chapter 1's BPE-1,024 and the validation text's characters per token, measured."""
+    from ..data import load_shakespeare_text, train_val_split
+    from ..tokenizers import BPETokenizer
+
+    train_text, val_text = train_val_split(load_shakespeare_text())
+    bpe = BPETokenizer.train(train_text, vocab_size=1024)
+    chars_per_token = len(val_text) / len(bpe.encode(val_text))
+    return dict(ln_v=math.log(bpe.vocab_size), chars_per_token=chars_per_token)
+
+
+@learner_check
+def check_init_loss_per_char(answer) -> None:
+    """`answer`: the loss, in nats per character of the validation text, of a freshly initialised
+    GPT (near-uniform predictions) over chapter 1's BPE-1,024 ids. Computed live: the BPE is
+    trained on the training split and the validation text encoded with it."""
+    value = require_answer(answer, "my_init_loss_per_char")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AssertionError(f"my_init_loss_per_char should be a number (nats per character), got "
+                             f"{type(value).__name__}.")
+    ref = _bpe_init_loss()
+    expected = ref["ln_v"] / ref["chars_per_token"]
+    if math.isclose(value, expected, rel_tol=0.01):
+        passed("my_init_loss_per_char")
+        return
+    if math.isclose(value, ref["ln_v"], rel_tol=0.01):
+        raise AssertionError(f"{value:.3f} is the loss per *token*. A BPE token covers more than one character, "
+                             "and the question asks per character: the same total loss, shared over how many "
+                             "characters?")
+    if math.isclose(value, ref["ln_v"] * ref["chars_per_token"], rel_tol=0.01):
+        raise AssertionError(f"{value:.3f} is larger than the loss per token, but each token carries several "
+                             "characters: per character the loss must be smaller than per token.")
+    if math.isclose(value, math.log(65), rel_tol=0.01):
+        raise AssertionError(f"{value:.3f} is ln 65, the fresh *character* model. A fresh model guesses uniformly "
+                             "over its own vocabulary: which one is it here?")
+    raise AssertionError(f"{value:.3f} is not it. Start from what a fresh model scores per token over a "
+                         "vocabulary of V ids, then convert with the characters per token of the validation "
+                         "text under this BPE (measure it).")
+
+
+# --------------------------------------------------------------------------- dropout experiment
+
+# The experiment the exercise states: a small model on the first 3,000 training characters,
+# trained 200 steps with and without dropout, evaluated on those characters and on the first
+# 10,000 validation characters. One place for the numbers, so the check and the page agree.
+_DROPOUT_RECIPE = dict(
+    train_chars=3000, val_chars=10_000, dropouts=(0.0, 0.3), seed=0,
+    model=dict(max_seq_len=32, d_model=64, n_layers=2, n_heads=4),
+    train=dict(batch_size=16, block_size=32, max_steps=200, warmup_steps=10, lr=3e-3, min_lr=3e-4,
+               eval_interval=200, eval_batches=1, progress=False, seed=0),
+)
+
+
+def _dropout_runs() -> dict[float, tuple[float, float]]:
+    """Run the recipe on the CPU: {dropout: (train loss, val loss)} in nats per character."""
+    from ..data import load_shakespeare_text, train_val_split
+    from ..tokenizers import CharTokenizer
+    from ..train import TrainConfig, evaluate_split, train
+
+    train_text, val_text = train_val_split(load_shakespeare_text())
+    tok = CharTokenizer.from_text(train_text)
+    r = _DROPOUT_RECIPE
+    train_part = torch.tensor(tok.encode(train_text))[: r["train_chars"]]
+    val_part = torch.tensor(tok.encode(val_text))[: r["val_chars"]]
+    cfg = TrainConfig(**r["train"])
+    out = {}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(6)
-        for label, kwargs in configs:
-            models.append((label, GPT(GPTConfig(**kwargs))))
-    return models
+        for p in r["dropouts"]:
+            torch.manual_seed(r["seed"])
+            model = GPT(GPTConfig(vocab_size=tok.vocab_size, dropout=p, **r["model"]))
+            train(model, train_part, val_part, cfg, device="cpu")
+            out[p] = (evaluate_split(model, train_part, cfg.block_size),
+                      evaluate_split(model, val_part, cfg.block_size))
+    return out
 
 
 @learner_check
-def check_param_groups(fn: Callable) -> None:
-    """`fn(model) -> (decay, no_decay)`: two lists of the model's parameter tensors, the same
-    tensors (by identity) as `kvlab.train.configure_optimizer` puts in its two groups."""
-    from ..train import TrainConfig, configure_optimizer
-
-    for label, model in _group_models():
-        names = {id(p): n for n, p in model.named_parameters()}
-        got = call_learner(fn, model, name="my_param_groups")
-        if not isinstance(got, (tuple, list)) or len(got) != 2:
-            raise AssertionError(f"[{label}] return a pair (decay, no_decay) of lists of parameters.")
-        decay, no_decay = (list(g) for g in got)
-        opt = configure_optimizer(model, TrainConfig())
-        want_decay = {id(p) for p in opt.param_groups[0]["params"]}
-        want_no_decay = {id(p) for p in opt.param_groups[1]["params"]}
-        for group, what in ((decay, "decay"), (no_decay, "no_decay")):
-            foreign = [p for p in group if id(p) not in names]
-            if foreign:
-                raise AssertionError(f"[{label}] {what} holds something that is not one of the model's parameters "
-                                     f"(a {type(foreign[0]).__name__}); list the tensors themselves, e.g. from "
-                                     "model.named_parameters().")
-        all_ids = [id(p) for p in decay] + [id(p) for p in no_decay]
-        if len(all_ids) != len(set(all_ids)):
-            dup = next(names[i] for i in all_ids if all_ids.count(i) > 1)
-            raise AssertionError(f"[{label}] {dup} appears more than once: AdamW would update it twice per "
-                                 "step. (Tied weights are one tensor; named_parameters() lists it once.)")
-        missing = sorted(names[i] for i in (want_decay | want_no_decay) - set(all_ids))
-        if missing:
-            raise AssertionError(f"[{label}] these parameters are in neither group, so they would never be "
-                                 f"trained: {missing[:4]}")
-        wrongly_decayed = sorted(names[id(p)] for p in decay if id(p) in want_no_decay)
-        if wrongly_decayed:
-            raise AssertionError(f"[{label}] these should not decay: {wrongly_decayed[:4]}. Weight decay pulls "
-                                 "values towards 0; what would that do to a norm's gain or a bias?")
-        not_decayed = sorted(names[id(p)] for p in no_decay if id(p) in want_decay)
-        if not_decayed:
-            raise AssertionError(f"[{label}] these should decay: {not_decayed[:4]}. Every matrix is regularised "
-                                 "by decay, embedding tables included: look at each tensor's number of dimensions.")
-    passed("my_param_groups")
-
-
-# --------------------------------------------------------------------------- cross-entropy
-
-
-@learner_check
-def check_cross_entropy(fn: Callable) -> None:
-    """`fn(logits (B, T, V), targets (B, T)) -> scalar`: the mean next-token cross-entropy in
-    nats over all B·T positions, equal to `F.cross_entropy` on the flattened tensors."""
-    g = torch.Generator().manual_seed(6)
-    cases = [((1, 1, 5), 1.0), ((2, 3, 7), 1.0), ((4, 6, 11), 3.0), ((3, 5, 65), 1.0), ((2, 4, 9), 200.0),
-             ((5, 2, 3), 1000.0)]
-    for (B, T, V), scale in cases:
-        logits = torch.randn(B, T, V, generator=g) * scale
-        targets = torch.randint(V, (B, T), generator=g)
-        got = call_learner(fn, logits.clone(), targets.clone(), name="my_cross_entropy")
-        expected = F.cross_entropy(logits.view(-1, V), targets.view(-1))
-        where = f"logits {(B, T, V)} scaled by {scale:g}"
-        if isinstance(got, torch.Tensor) and got.numel() == 1 and got.dim() > 0:
-            raise AssertionError(f"[{where}] return a scalar (0-d) tensor, shape (); got shape {tuple(got.shape)}.")
-        if isinstance(got, torch.Tensor) and got.dim() == 0 and not torch.isfinite(got):
-            raise AssertionError(f"[{where}] your loss is {got.item()}: exp of a large logit overflows float32. "
-                                 "Subtract something from the logits that leaves the softmax unchanged.")
-        close(got, expected, f"[{where}] take -log softmax(logits)[target] at every (b, t) and average over "
-                             "all B·T positions; normalise over the vocabulary dimension.", atol=1e-4, rtol=1e-5)
-    passed("my_cross_entropy")
-
-
-# --------------------------------------------------------------------------- gradient clipping
-
-
-def _clip_case(g: torch.Generator, shapes, scale: float, with_none: bool = False):
-    params = []
-    for i, shape in enumerate(shapes):
-        p = torch.nn.Parameter(torch.randn(*shape, generator=g))
-        if not (with_none and i == 1):
-            p.grad = torch.randn(*shape, generator=g) * scale
-        params.append(p)
-    return params
-
-
-@learner_check
-def check_clip_grad_norm(fn: Callable) -> None:
-    """`fn(params, max_norm) -> total_norm`: scale every gradient in place by one common factor
-    so that the global norm is at most max_norm; return the norm before clipping. Compared with
-    `torch.nn.utils.clip_grad_norm_`."""
-    g = torch.Generator().manual_seed(6)
-    # (shapes, grad scale, max_norm, a parameter without a gradient)
-    cases = [([(4,)], 1.0, 0.5, False), ([(3, 4), (4,), (2, 3, 2)], 1.0, 1.0, False),
-             ([(8, 8), (8,)], 0.01, 1.0, False), ([(5, 3), (3,), (6,)], 2.0, 0.7, True),
-             ([(16, 4), (1,), (4, 4)], 5.0, 2.0, False)]
-    for shapes, scale, max_norm, with_none in cases:
-        state = g.get_state()
-        mine = _clip_case(g, shapes, scale, with_none)
-        g.set_state(state)
-        ref = _clip_case(g, shapes, scale, with_none)
-        where = f"{len(shapes)} tensor(s) of shapes {shapes}, max_norm={max_norm}" + (
-            ", one without a gradient" if with_none else "")
-        total = call_learner(fn, mine, max_norm, name="my_clip_grad_norm")
-        expected_total = torch.nn.utils.clip_grad_norm_(ref, max_norm)
-        if total is None:
-            raise AssertionError(f"[{where}] return the total norm measured before clipping (like torch does).")
-        total_t = torch.as_tensor(total, dtype=torch.float32).reshape(())
-        close(total_t, expected_total, f"[{where}] the returned norm should be the global L2 norm of all "
-                                       "gradients together, before clipping.", atol=1e-5, rtol=1e-5)
-        for i, (a, b) in enumerate(zip(mine, ref)):
-            if b.grad is None:
-                if a.grad is not None:
-                    raise AssertionError(f"[{where}] a parameter without a gradient must stay without one.")
-                continue
-            if a.grad is None:
-                raise AssertionError(f"[{where}] parameter {i} lost its gradient; scale gradients in place.")
-            close(a.grad, b.grad, f"[{where}] gradient {i} after clipping is wrong. Clip by one global norm: "
-                                  "every tensor is scaled by the same factor, and nothing changes when the "
-                                  "norm is already below max_norm.", atol=1e-5, rtol=1e-4)
-    passed("my_clip_grad_norm")
+def check_dropout_gap(gap_shrink, lower_val_dropout) -> None:
+    """`gap_shrink`: how much smaller the gap (val loss - train loss) is with dropout 0.3 than
+    with dropout 0, in nats per character; `lower_val_dropout`: 0.0 or 0.3, the run with the
+    lower validation loss. Both checked against the experiment run again live (tolerance 0.03
+    nats; a validation difference under 0.01 accepts either choice)."""
+    shrink = require_answer(gap_shrink, "my_gap_shrink")
+    choice = require_answer(lower_val_dropout, "my_lower_val_dropout")
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)):
+        raise AssertionError(f"my_gap_shrink should be a number of nats per character, got {type(shrink).__name__}.")
+    low, high = _DROPOUT_RECIPE["dropouts"]
+    if choice not in (low, high):
+        raise AssertionError(f"my_lower_val_dropout should be {low} or {high}, got {choice!r}.")
+    runs = _dropout_runs()
+    gap = {p: val - tr for p, (tr, val) in runs.items()}
+    expected = gap[low] - gap[high]
+    tol = 0.03
+    if abs(shrink - expected) > tol:
+        if abs(shrink + expected) <= tol:
+            raise AssertionError(f"my_gap_shrink = {shrink:.3f} has the wrong sign: the question is how much "
+                                 f"*smaller* the gap is with dropout {high} (gap at {low} minus gap at {high}).")
+        if any(abs(shrink - g) <= tol for g in gap.values()):
+            raise AssertionError(f"my_gap_shrink = {shrink:.3f} is one run's gap, not the change in the gap "
+                                 "between the two runs.")
+        val_change = runs[low][1] - runs[high][1]
+        if abs(shrink - val_change) <= tol or abs(shrink + val_change) <= tol:
+            raise AssertionError(f"my_gap_shrink = {shrink:.3f} compares the validation losses only; the gap is "
+                                 "val minus train within each run.")
+        raise AssertionError(f"my_gap_shrink = {shrink:.3f} does not match the experiment run again here. Follow "
+                             "the recipe exactly (seeds, slices, evaluate_split on both parts).")
+    val_low, val_high = runs[low][1], runs[high][1]
+    if abs(val_low - val_high) >= 0.01:
+        right = low if val_low < val_high else high
+        if choice != right:
+            raise AssertionError(f"my_lower_val_dropout = {choice}: compare the two runs' *validation* losses, "
+                                 "not their gaps. A smaller gap can come from a higher training loss.")
+    passed("my_gap_shrink and my_lower_val_dropout")
