@@ -1,0 +1,166 @@
+"""A quantized KV cache: keys and values stored as int8, one scale per token per head.
+
+Shape legend: B batch, Hkv key/value heads, T tokens fed in this call, S keys returned,
+D head_dim, W sliding window, N capacity (max_seq_len).
+
+Each key (and each value) vector of D numbers, for one token and one head, is stored as D
+int8 numbers and one float32 scale: scale = max|x| / 127, q = round(x / scale). Reading it back
+gives q * scale, off by at most scale / 2 per number. With D = 64 that is 64 + 4 bytes instead
+of 256 in float32: 0.27x the memory. Attention itself still runs in the model's dtype: the
+cache dequantizes what it returns, so the saving is in what is *kept*, not in the arithmetic.
+
+The two layer caches here have the same interface as `kvlab.cache`'s (key_positions, update,
+reset, length, nbytes) and are made by `model.new_cache(..., quantize="int8")`.
+Built in chapter 10.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["QUANTIZE_KINDS", "quantize_int8", "dequantize_int8", "Int8StaticLayerCache",
+           "Int8SlidingWindowLayerCache"]
+
+QUANTIZE_KINDS = (None, "int8")
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., D) floats -> (..., D) int8 and (..., 1) float32 scales, symmetric absmax per vector.
+
+    A vector of zeros gets scale 1 (any scale reproduces it), so no division by zero.
+    Built in chapter 10.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0  # (..., 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The inverse of `quantize_int8` (up to rounding): q * scale, in `dtype`. Built in chapter 10."""
+    return (q.float() * scale).to(dtype)
+
+
+class Int8StaticLayerCache:
+    """The preallocated cache of chapter 4, holding int8 keys/values and their scales.
+
+    `update` quantizes the new keys and values, writes them at `input_pos`, and returns the
+    dequantized prefix [0, end) in the model's dtype. Built in chapter 10.
+    """
+
+    kind = "static"
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.v = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.k_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)  # (B, Hkv, N, 1)
+        self.v_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)
+        self.dtype = dtype  # what `update` returns
+        self.max_seq_len = max_seq_len
+        self.length = 0
+
+    def key_positions(self, input_pos: Tensor) -> Tensor:
+        return torch.arange(int(input_pos[-1]) + 1, device=self.k.device)
+
+    def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        start, end = int(input_pos[0]), int(input_pos[-1]) + 1
+        self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_int8(k)
+        self.v[:, :, start:end], self.v_scale[:, :, start:end] = quantize_int8(v)
+        self.length = end  # writing at an earlier position rewinds the cache
+        k_all = dequantize_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype)  # (B, Hkv, S, D)
+        v_all = dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype)
+        return k_all, v_all
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+class Int8SlidingWindowLayerCache:
+    """The ring buffer of chapter 4 (position p in slot p mod W), holding int8 keys/values.
+
+    Same rules as `kvlab.cache.SlidingWindowLayerCache`: a decode step writes first and
+    returns the ring; a multi-token step returns ring + new tokens, then keeps the last W.
+    New keys are quantized before they are used, so a token's key reads the same whether it
+    arrived in a chunk or alone. Built in chapter 10.
+    """
+
+    kind = "sliding"
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, head_dim: int, window: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.v = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.k_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)  # (B, Hkv, W, 1)
+        self.v_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)
+        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position in each slot
+        self.dtype = dtype
+        self.window = window
+        self.length = 0
+
+    def key_positions(self, input_pos: Tensor) -> Tensor:
+        start, T = int(input_pos[0]), input_pos.numel()
+        if T == 1:
+            slots = torch.arange(self.window, device=self.pos.device)
+            return torch.where(slots == start % self.window, start, self.pos)
+        new = torch.arange(start, start + T, device=self.pos.device)
+        return torch.cat([self.pos, new])  # (W + T,)
+
+    def _ring(self) -> tuple[Tensor, Tensor]:
+        return (dequantize_int8(self.k, self.k_scale, self.dtype),  # (B, Hkv, W, D)
+                dequantize_int8(self.v, self.v_scale, self.dtype))
+
+    def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        start, T = int(input_pos[0]), k.size(2)
+        qk, sk = quantize_int8(k)  # (B, Hkv, T, D), (B, Hkv, T, 1)
+        qv, sv = quantize_int8(v)
+        if T == 1:
+            slot = start % self.window
+            self.k[:, :, slot], self.k_scale[:, :, slot] = qk[:, :, 0], sk[:, :, 0]
+            self.v[:, :, slot], self.v_scale[:, :, slot] = qv[:, :, 0], sv[:, :, 0]
+            self.pos[slot] = start
+            self.length = start + 1
+            return self._ring()
+        ring_k, ring_v = self._ring()
+        k_all = torch.cat([ring_k, dequantize_int8(qk, sk, self.dtype)], dim=2)  # (B, Hkv, W + T, D)
+        v_all = torch.cat([ring_v, dequantize_int8(qv, sv, self.dtype)], dim=2)
+        keep = min(T, self.window)  # only the last W new tokens survive in the ring
+        positions = torch.arange(start + T - keep, start + T, device=self.pos.device)
+        slots = positions % self.window
+        self.k[:, :, slots], self.k_scale[:, :, slots] = qk[:, :, T - keep:], sk[:, :, T - keep:]
+        self.v[:, :, slots], self.v_scale[:, :, slots] = qv[:, :, T - keep:], sv[:, :, T - keep:]
+        self.pos[slots] = positions
+        self.length = start + T
+        return k_all, v_all
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+def make_int8_layers(kind: str, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, *,
+                     max_seq_len: int | None, window: int | None, device, dtype) -> list:
+    """The int8 layer caches for `KVCache.create(..., quantize="int8")` (arguments already checked)."""
+    if kind == "static":
+        return [Int8StaticLayerCache(batch_size, n_kv_heads, head_dim, max_seq_len, device=device, dtype=dtype)
+                for _ in range(n_layers)]
+    if kind == "sliding":
+        return [Int8SlidingWindowLayerCache(batch_size, n_kv_heads, head_dim, window, device=device, dtype=dtype)
+                for _ in range(n_layers)]
+    raise ValueError(f"quantize='int8' works with kind 'static' or 'sliding', not kind={kind!r}")
