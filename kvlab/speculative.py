@@ -271,7 +271,7 @@ def speculative_generate(
     temperature=0 the result equals `kvlab.generate(target, idx, ..., temperature=0)`; otherwise
     each token follows the target's distribution under the same temperature and filters. Pass a
     dict as `stats` to get acceptance_rate (kept guesses / guesses), tokens_per_target_forward
-    (new tokens / target forwards, the prefill included), the counts behind them, total_s and
+    (new tokens / target forwards, the prefill of all but the prompt's last token included), the counts behind them, total_s and
     tokens_per_s. Random draws use `generator` (a CPU generator) when given. Built in chapter 10.
     """
     _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, top_p, min_p, generator, stats)
@@ -286,15 +286,13 @@ def speculative_generate(
     t0 = time.perf_counter()
     counts = dict(target_forwards=0, draft_forwards=0, proposed=0, accepted=0, rounds=0)
 
-    def choose(logits: Tensor) -> int:  # one token from the target's (1, V) logits
-        if greedy:
-            return int(logits.argmax())
-        return _draw(logits_to_probs(logits.float(), **filters).cpu().view(-1), generator)
-
+    # The loop keeps one rule: the target's cache holds every token but the newest, which the
+    # next verify forward feeds along with the guesses. So the prefill stops one token short.
     tcache = _cache_for(target, T + N + k + 1)
-    logits = target._forward(idx, tcache, 0, last_only=True)[0, -1]  # prefill
-    counts["target_forwards"] += 1
-    out = idx[0].tolist() + [choose(logits)]
+    if T > 1:
+        target._forward(idx[:, :-1], tcache, 0, last_only=True)
+        counts["target_forwards"] += 1
+    out = idx[0].tolist()
     model_draft = isinstance(draft, GPT)
     if model_draft:
         dcache = _cache_for(draft, T + N + k + 1)
@@ -302,7 +300,7 @@ def speculative_generate(
 
     while len(out) - T < N:
         L = len(out)  # the target's cache holds positions 0..L-2; out[L-1] is not fed yet
-        m = min(k, N - (L - T) - 1)  # more guesses than tokens still wanted are wasted
+        m = min(k, N - (L - T) - 1)  # a round yields up to m + 1 tokens: no more than still wanted
         guesses: list[int] = []
         q_rows: list[Tensor] = []  # the draft's distribution for each guess (model draft, sampling)
         if m > 0 and model_draft:
