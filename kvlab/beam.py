@@ -40,7 +40,7 @@ from .attention import _merge_heads, _split_heads, attend, repeat_kv
 from .cache import KVCache
 from .gpt import GPT
 
-__all__ = ["reorder_cache", "beam_search", "beam_step_seq2seq"]
+__all__ = ["reorder_cache", "beam_search", "beam_step_seq2seq", "toy_beam_accuracy"]
 
 _NEG = -1.0e9  # the score of a beam that must not be chosen (finite, as Hugging Face's, so sums stay finite)
 _BATCHED = ("k", "v", "k_scale", "v_scale")  # per-row tensors of a layer cache; `pos` is shared by all rows
@@ -284,3 +284,27 @@ def _beam_search_seq2seq(model, src: Tensor, N: int, K: int, length_penalty: flo
     out, length = _search(first, step, lambda rows: reorder_cache(self_cache, rows), K=K, N=N, eos_id=eos_id,
                           length_penalty=length_penalty, fill=c.pad_id)
     return out
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def toy_beam_accuracy(model, pairs: list[tuple[str, str]], vocab, *, num_beams: int,
+                      batch_size: int = 250) -> float:
+    """Exact-match accuracy of beam search on (source, target) string pairs of chapter 8's toy
+    tasks; num_beams=1 is `kvlab.seq2seq.toy_accuracy`'s greedy decoding. Built in chapter 10."""
+    from .data import seq2seq_batch
+    from .seq2seq import _check_vocab
+
+    _check_vocab(model, vocab)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        src, _, tgt_out = seq2seq_batch(chunk, vocab, device=model.device)
+        pred = beam_search(model, src, tgt_out.size(1), num_beams=num_beams)
+        correct += sum(vocab.decode(row) == tgt for row, (_, tgt) in zip(pred.cpu(), chunk))
+    model.train(was_training)
+    return correct / len(pairs)

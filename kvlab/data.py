@@ -151,7 +151,7 @@ def shakespeare_path(
 
 REPO_RAW_URL = "https://raw.githubusercontent.com/kvlab-course/kvlab/main"  # the course repository, as files
 REPO_MANIFEST = pathlib.Path(__file__).resolve().parent / "repo_files.json"
-SHIPPED_DIRS = ("data/shakespeare", "data/bench")  # what the manifest covers (all but .md files)
+SHIPPED_DIRS = ("data/shakespeare", "data/bench", "data/shakespeare_draft")  # what the manifest covers (all but .md files)
 
 
 def checkout_root() -> pathlib.Path | None:

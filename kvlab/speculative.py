@@ -35,7 +35,7 @@ from .device import synchronize
 from .gpt import GPT
 from .sampling import check_sampling_args, logits_to_probs
 
-__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate"]
+__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "speedup", "load_shakespeare_draft"]
 
 
 # -- the n-gram draft ----------------------------------------------------------------------------
@@ -365,3 +365,73 @@ def speculative_generate(
                      acceptance_rate=counts["accepted"] / proposed if proposed else math.nan,
                      tokens_per_target_forward=N / counts["target_forwards"])
     return torch.tensor([out], dtype=torch.long, device=device)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def speedup(target: GPT, drafts: dict, prompts: list[Tensor], *, new_tokens: int = 256, ks=(4,),
+            repeats: int = 3) -> dict:
+    """Greedy speculative decoding against plain greedy `kvlab.generate`, in one interleaved run.
+
+    For each prompt, each repeat runs plain greedy and then every (draft, k) once, so a machine
+    that slows down or speeds up affects all of them alike; tokens/s are the median over repeats
+    and prompts together. Reports, per draft and k: tokens/s, the speed-up over plain greedy,
+    acceptance rate, tokens per target forward, and whether every run's tokens were identical to
+    plain greedy's. Built in chapter 10.
+    """
+    from .generate import generate
+
+    import statistics
+
+    plain_rates: list[float] = []
+    runs: dict[tuple[str, int], list[dict]] = {(name, k): [] for name in drafts for k in ks}
+    identical = {key: True for key in runs}
+    for idx in prompts:
+        expected = None
+        for _ in range(repeats):
+            stats: dict = {}
+            out = generate(target, idx, new_tokens, temperature=0, stats=stats)
+            expected = out if expected is None else expected
+            plain_rates.append(new_tokens / stats["total_s"])
+            for (name, k) in runs:
+                s: dict = {}
+                got = speculative_generate(target, drafts[name], idx, new_tokens, k=k, temperature=0, stats=s)
+                identical[(name, k)] &= bool(torch.equal(got, expected))
+                runs[(name, k)].append(s)
+    plain = statistics.median(plain_rates)
+    table = []
+    for (name, k), stats_list in runs.items():
+        rate = statistics.median(s["tokens_per_s"] for s in stats_list)
+        proposed = sum(s["proposed"] for s in stats_list)
+        table.append({
+            "draft": name, "k": k, "tokens_per_s": rate, "speedup": rate / plain,
+            "acceptance_rate": sum(s["accepted"] for s in stats_list) / proposed if proposed else math.nan,
+            "tokens_per_target_forward": statistics.mean(s["tokens_per_target_forward"] for s in stats_list),
+            "draft_forwards_per_token": statistics.mean(s["draft_forwards"] / s["new_tokens"] for s in stats_list),
+            "identical_tokens": identical[(name, k)],
+        })
+    return {"plain_greedy_tokens_per_s": plain, "new_tokens": new_tokens, "prompts": len(prompts),
+            "repeats": repeats, "runs": table}
+
+
+DRAFT_DIR = "data/shakespeare_draft"  # the shipped draft model, relative to the repository root
+
+
+def load_shakespeare_draft(*, device: torch.device | str | None = None) -> GPT:
+    """The one-layer draft model shipped beside the Shakespeare model (same 65-character
+    tokenizer, RoPE with the same 128-position window; `scripts/train_draft.py` trained it), in
+    eval mode, with its record on `.record`. From an installed kvlab, downloaded once and
+    verified, like the Shakespeare model. Built in chapter 10.
+    """
+    from .data import checkout_root, repo_file
+    from .pretrained import load_shakespeare
+
+    root = checkout_root()
+    if root is not None:
+        folder = root / DRAFT_DIR
+    else:
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "record.json"):
+            folder = repo_file(f"{DRAFT_DIR}/{name}").parent
+    model, _ = load_shakespeare(folder, device=device)
+    return model
