@@ -81,11 +81,25 @@ def test_int8_cache_of_the_shipped_model_is_under_0_3x_and_greedy_text_agrees():
     fp32 = model.new_cache(1, kind="sliding")
     int8 = model.new_cache(1, kind="sliding", quantize="int8")
     assert int8.nbytes <= 0.3 * fp32.nbytes
-    idx = torch.tensor([tok.encode("KING HENRY:\nNow, ")])
+    idx = torch.tensor([tok.encode("ROMEO:\n")])
     a = kvlab.generate(model, idx, 256, temperature=0, cache=fp32)
     b = kvlab.generate(model, idx, 256, temperature=0, cache=int8)
-    agreement = float((a[0, idx.size(1):] == b[0, idx.size(1):]).float().mean())
-    assert agreement >= 0.95
+    assert float((a[0, idx.size(1):] == b[0, idx.size(1):]).float().mean()) >= 0.95
+
+
+def test_int8_cache_quality_on_the_shipped_model():
+    """Teacher-forced, the int8 cache barely moves the model; free-running text can still part at
+    a close call (this prompt's greedy text does, at character 10), which `cache_quality` reports."""
+    from kvlab.quantized import cache_quality
+
+    model, tok = kvlab.load_shakespeare()
+    ids = torch.tensor(tok.encode("ROMEO:\nWhat say you, my lord? I will not speak of it.\n" * 12))
+    q = cache_quality(model, ids, [torch.tensor([tok.encode("KING HENRY:\nNow, ")])], windows=4, new_tokens=64)
+    assert q["kl_nats"] < 1e-3 and q["top1_agreement"] > 0.98 and abs(q["val_loss_change"]) < 0.01
+    assert q["greedy_agreement_along_float_text"] >= 0.95
+    assert q["ratio_to_float32"] <= 0.3 and q["bytes"]["bfloat16"] * 2 == q["bytes"]["float32"]
+    greedy = q["greedy"][0]
+    assert (greedy["first_difference"] is None) == (greedy["agreement"] == 1.0)
 
 
 @pytest.mark.parametrize("kwargs, name", [
