@@ -157,7 +157,8 @@ def test_rollback_leaves_no_trace(kind, keep):
         model(idx[:, t:t + 1], cache)
         model(idx[:, t:t + 1], clean)
     saved = save_ring(cache, 13, 5)
-    model(torch.randint(0, 61, (1, 5)), cache)  # 5 guesses, positions 13..17
+    wrong = torch.randint(0, 61, (1, 5 - keep), generator=torch.Generator().manual_seed(9))
+    model(torch.cat([idx[:, 13:13 + keep], wrong], dim=1), cache)  # 5 guesses at 13..17, the first `keep` right
     rollback_cache(cache, 13 + keep, saved)
     model(idx[:, 13:13 + keep], clean) if keep else None
     assert cache.length == clean.length == 13 + keep
