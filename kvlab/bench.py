@@ -434,7 +434,7 @@ BEYOND_PROMPTS = ("ROMEO:\n", "KING HENRY:\nNow, ", "First Citizen:\n", "LADY CA
 
 
 def beyond(*, ks=(1, 2, 4, 8), new_tokens: int = 256, windows: int = 200, repeats: int = 3,
-           prompts=BEYOND_PROMPTS, toy_steps: int = 150) -> dict:
+           prompts=BEYOND_PROMPTS, toy_steps: int = 150, toy_test: int = 500) -> dict:
     """Chapter 10's measurements on the shipped Shakespeare model, in one run: speculative greedy
     decoding against plain greedy (n-gram draft fitted on the training text, and the shipped draft
     model), the int8 cache against float32 (`kvlab.quantized.cache_quality`), and exact match of
@@ -461,14 +461,14 @@ def beyond(*, ks=(1, 2, 4, 8), new_tokens: int = 256, windows: int = 200, repeat
     vocab = Seq2SeqVocab()
     toy = {}
     for task in ("reverse", "sort"):
-        test = toy_pairs(500, task=task, seed=1)
+        test = toy_pairs(toy_test, task=task, seed=1)
         train_pairs = toy_pairs(20_000, task=task, seed=0, exclude={s for s, _ in test})
         torch.manual_seed(0)
         toy_model = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=len(vocab), max_seq_len=12, d_model=64, n_layers=2,
                                                      n_heads=4, d_ff=128))
         train_toy(toy_model, train_pairs, vocab, steps=toy_steps, seed=0)
         toy[task] = {f"beams_{k}": toy_beam_accuracy(toy_model, test, vocab, num_beams=k) for k in (1, 2, 4)}
-    result["beam_toy_exact_match"] = {"train_steps": toy_steps, "test_pairs": 500, **toy}
+    result["beam_toy_exact_match"] = {"train_steps": toy_steps, "test_pairs": toy_test, **toy}
     return result
 
 

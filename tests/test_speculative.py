@@ -2,6 +2,7 @@
 filtered distribution (a chi-square test on a small vocabulary), caches roll back cleanly."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -242,3 +243,20 @@ def _stats_without_guesses(target):
     stats = {}
     speculative_generate(target, NGramDraft(2), prompt(), 1, stats=stats)  # one token: nothing to guess
     return stats["acceptance_rate"]
+
+
+@pytest.mark.skipif(not os.environ.get("KVLAB_SHAKESPEARE"), reason="reads Tiny Shakespeare from $KVLAB_SHAKESPEARE")
+def test_the_chapter_10_bench_runs_and_reports_every_figure(capsys):
+    import kvlab.bench
+
+    result = kvlab.bench.beyond(ks=(2,), new_tokens=12, windows=2, repeats=1, prompts=("ROMEO:\n",), toy_steps=2,
+                                toy_test=20)
+    runs = result["speculative"]["runs"]
+    assert {r["draft"] for r in runs} == {"ngram (order 4, training text)", "draft model (1 layer)"}
+    assert all(r["identical_tokens"] and r["k"] == 2 for r in runs)
+    q = result["int8_cache"]
+    assert q["ratio_to_float32"] <= 0.3 and q["positions"] == 2 * 128
+    assert set(result["beam_toy_exact_match"]["sort"]) == {"beams_1", "beams_2", "beams_4"}
+    with pytest.raises(SystemExit):
+        kvlab.bench.main(["--help"])
+    assert "--beyond" in capsys.readouterr().out
