@@ -434,7 +434,7 @@ BEYOND_PROMPTS = ("ROMEO:\n", "KING HENRY:\nNow, ", "First Citizen:\n", "LADY CA
 
 
 def beyond(*, ks=(1, 2, 4, 8), new_tokens: int = 256, windows: int = 200, repeats: int = 3,
-           prompts=BEYOND_PROMPTS, toy_steps: int = 150, toy_test: int = 500) -> dict:
+           prompts=BEYOND_PROMPTS, toy_steps: int = 90, toy_test: int = 500) -> dict:
     """Chapter 10's measurements on the shipped Shakespeare model, in one run: speculative greedy
     decoding against plain greedy (n-gram draft fitted on the training text, and the shipped draft
     model), the int8 cache against float32 (`kvlab.quantized.cache_quality`), and exact match of
