@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,17 @@ from .attention import _merge_heads, _split_heads, attend, repeat_kv
 from .cache import KVCache
 from .gpt import GPT
 
+if TYPE_CHECKING:
+    from .data import Seq2SeqVocab
+    from .seq2seq import CrossAttentionCache, EncoderDecoderCache, Seq2SeqTransformer
+
 __all__ = ["reorder_cache", "beam_search", "beam_step_seq2seq", "toy_beam_accuracy"]
 
 _NEG = -1.0e9  # the score of a beam that must not be chosen (finite, as Hugging Face's, so sums stay finite)
 _BATCHED = ("k", "v", "k_scale", "v_scale")  # per-row tensors of a layer cache; `pos` is shared by all rows
 
 
-def reorder_cache(cache, index: Tensor) -> None:
+def reorder_cache(cache: "KVCache | EncoderDecoderCache", index: Tensor) -> None:
     """Make row i of every layer cache hold what row `index[i]` held; `index` is (R,) long.
 
     This is the whole of beam search's cache bookkeeping: a new beam continues its parent, so
@@ -170,7 +175,7 @@ def _search(first_logits: Tensor, step, reorder, *, K: int, N: int, eos_id: int 
 
 @torch.inference_mode()
 def beam_search(
-    model,
+    model: "GPT | Seq2SeqTransformer",
     idx: Tensor,
     max_new_tokens: int,
     *,
@@ -235,7 +240,8 @@ def beam_search(
 # -- Seq2SeqTransformer --------------------------------------------------------------------------
 
 
-def beam_step_seq2seq(model, tokens: Tensor, start: int, self_cache: KVCache, cross) -> Tensor:
+def beam_step_seq2seq(model: "Seq2SeqTransformer", tokens: Tensor, start: int, self_cache: KVCache,
+                      cross: "CrossAttentionCache") -> Tensor:
     """One decoder step for R = B·K beam rows: tokens (R, 1) -> logits (R, V).
 
     The self-attention cache has R rows; the cross-attention cache (`cross`, a
@@ -290,7 +296,8 @@ def _beam_search_seq2seq(model, src: Tensor, N: int, K: int, length_penalty: flo
 
 
 @torch.no_grad()
-def toy_beam_accuracy(model, pairs: list[tuple[str, str]], vocab, *, num_beams: int,
+def toy_beam_accuracy(model: "Seq2SeqTransformer", pairs: list[tuple[str, str]], vocab: "Seq2SeqVocab", *,
+                      num_beams: int,
                       batch_size: int = 250) -> float:
     """Exact-match accuracy of beam search on (source, target) string pairs of chapter 8's toy
     tasks; num_beams=1 is `kvlab.seq2seq.toy_accuracy`'s greedy decoding. Built in chapter 10."""

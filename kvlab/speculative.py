@@ -253,7 +253,7 @@ def _draw(probs: Tensor, generator) -> int:
 @torch.inference_mode()
 def speculative_generate(
     target: GPT,
-    draft,
+    draft: "GPT | NGramDraft",
     idx: Tensor,
     max_new_tokens: int,
     *,
@@ -370,8 +370,8 @@ def speculative_generate(
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def speedup(target: GPT, drafts: dict, prompts: list[Tensor], *, new_tokens: int = 256, ks=(4,),
-            repeats: int = 3) -> dict:
+def speedup(target: GPT, drafts: dict, prompts: list[Tensor], *, new_tokens: int = 256,
+            ks: tuple[int, ...] = (4,), repeats: int = 3) -> dict:
     """Greedy speculative decoding against plain greedy `kvlab.generate`, in one interleaved run.
 
     For each prompt, each repeat runs plain greedy and then every (draft, k) once, so a machine

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvlab.checks.beyond import acceptance_rate_k, check_acceptance_rate, check_reorder_cache
+from kvlab.checks.beyond import acceptance_rate_k, check_acceptance_rate, check_int8_bytes_per_token, check_reorder_cache
 
 
 def stub(*args, **kwargs):
@@ -105,3 +105,30 @@ def test_acceptance_check_fails_wrong_answers(measured):
         check_acceptance_rate(at_8["acceptance_rate"] + 0.1)
     with pytest.raises(AssertionError, match="number"):
         check_acceptance_rate("0.5")
+
+
+# --------------------------------------------------------------------------- int8 bytes per token
+
+
+def test_int8_bytes_check_passes_the_answer(capsys):
+    check_int8_bytes_per_token(12 * 2 * 12 * (64 + 4))
+    assert "my_int8_bytes_per_token: all checks passed" in capsys.readouterr().out
+
+
+def test_int8_bytes_check_reports_none_as_not_done(capsys):
+    check_int8_bytes_per_token(None)
+    assert "not done yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (12 * 12 * 68, "values"),
+    (12 * 2 * 12 * 64, "scales"),
+    (12 * 2 * 12 * 65, "4 bytes"),
+    (12 * 2 * (768 + 4), "each head"),
+    (12 * 2 * 12 * 64 * 4, "float32 cache"),
+    (12345, "not the int8"),
+    ("19584", "number"),
+])
+def test_int8_bytes_check_fails_wrong_answers(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_int8_bytes_per_token(wrong)

@@ -26,4 +26,4 @@ from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, 
 from .training import check_clip_grad_norm, check_cross_entropy, check_lr_at, check_param_groups  # noqa: F401
 from .measuring import check_decode_bytes, check_kl_divergence, check_time_steps  # noqa: F401
 from .sampling import check_min_p_filter, check_top_p_filter, check_top_prob_at_temperature  # noqa: F401
-from .beyond import check_acceptance_rate, check_reorder_cache  # noqa: F401
+from .beyond import check_acceptance_rate, check_int8_bytes_per_token, check_reorder_cache  # noqa: F401

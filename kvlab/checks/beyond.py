@@ -15,7 +15,7 @@ import torch
 
 from ._common import call_learner, learner_check, passed, require_answer, small_model
 
-__all__ = ["check_reorder_cache", "check_acceptance_rate", "ACCEPTANCE_SETUP"]
+__all__ = ["check_reorder_cache", "check_acceptance_rate", "check_int8_bytes_per_token", "ACCEPTANCE_SETUP"]
 
 # The experiment's fixed setup: the shipped model, this prompt, greedy, an NGramDraft of this
 # order fitted on nothing (it guesses only from the text so far), and this many new tokens.
@@ -130,3 +130,34 @@ def check_acceptance_rate(answer) -> None:
                              "speculative_generate with k=8, temperature=0, a stats dict, and read "
                              "stats['acceptance_rate'].")
     passed("my_acceptance_rate")
+
+
+@learner_check
+def check_int8_bytes_per_token(answer) -> None:
+    """`answer`: bytes per token of one sequence's int8 cache for GPT-2 small (12 layers, 12 heads of 64)."""
+    from ..gpt import GPT, GPTConfig
+
+    value = require_answer(answer, "my_int8_bytes_per_token")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AssertionError(f"my_int8_bytes_per_token should be a number of bytes, got {type(value).__name__}.")
+    L, H, D = 12, 12, 64
+    truth = L * 2 * H * (D + 4)
+    # Measured, not only computed: a real int8 cache of a GPT-2-shaped model (tiny vocabulary: the
+    # cache does not depend on it), 8 positions, divided by 8.
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(GPTConfig(vocab_size=8, max_seq_len=8, d_model=H * D, n_layers=L, n_heads=H))
+    measured = model.new_cache(1, max_seq_len=8, quantize="int8").nbytes // 8
+    assert measured == truth
+    wrong = {
+        L * H * (D + 4): "that counts the keys only: the values are cached (and quantized) too.",
+        L * 2 * H * D: "that leaves out the scales: each key and each value vector brings one float32 scale.",
+        L * 2 * H * (D + 1): "a scale is a float32: 4 bytes, not 1.",
+        L * 2 * (H * D + 4): "that is one scale per token for all heads together; here each head has its own.",
+        L * 2 * H * D * 4: "that is the float32 cache: int8 stores one byte per number.",
+    }
+    if value in wrong:
+        raise AssertionError(wrong[value])
+    if value != truth:
+        raise AssertionError("not the int8 cache's bytes per token: count, per layer, keys and values, per head "
+                             "head_dim int8 numbers plus one float32 scale.")
+    passed("my_int8_bytes_per_token")
