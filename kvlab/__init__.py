@@ -15,6 +15,9 @@ from .serving import generate_batch
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
                       greedy_decode)
 from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokenizer
+from . import beam, quantized, speculative  # chapter 10
+from .beam import beam_search
+from .speculative import speculative_generate
 
 # Last: the exercise checks use the names above.
 from . import checks  # noqa: E402

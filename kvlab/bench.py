@@ -388,7 +388,20 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     from .speedup import add_speedup_arguments, run_speedup_cli
 
     add_speedup_arguments(parser)
+    # -- chapter 10: beam search, speculative decoding, the int8 cache (a separate run: --beyond) --
+    beyond = parser.add_argument_group(
+        "chapter 10 (--beyond)", "measure on the shipped Shakespeare model instead of sweeping: speculative greedy "
+        "decoding vs plain greedy (n-gram and model drafts, acceptance vs k), the int8 cache's bytes and quality, "
+        "and beam vs greedy on chapter 8's toy tasks; e.g. python -m kvlab.bench --beyond --threads 2 "
+        "--out data/bench/cpu_beyond.json")
+    beyond.add_argument("--beyond", action="store_true", help="run chapter 10's measurements and write them to --out")
+    beyond.add_argument("--beyond-ks", type=ints, default=[1, 2, 4, 8], help="draft tokens per round (default 1,2,4,8)")
+    beyond.add_argument("--beyond-new-tokens", type=int, default=256, help="greedy tokens per run (default 256)")
+    beyond.add_argument("--beyond-windows", type=int, default=200,
+                        help="128-character validation windows for the int8 cache's quality (default 200)")
     args = parser.parse_args(argv)
+    if args.beyond:
+        return _beyond_main(args, argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads:
@@ -453,6 +466,71 @@ def run_serving(model: GPT, args, argv: list[str] | None = None) -> int:
     if args.plot:
         plot_serving(result).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"wrote {args.plot}")
+
+# -- chapter 10: beam search, speculative decoding, the int8 cache ------------------------------------
+
+BEYOND_PROMPTS = ("ROMEO:\n", "KING HENRY:\nNow, ", "First Citizen:\n", "LADY CAPULET:\nWhat, ")
+
+
+def beyond(*, ks=(1, 2, 4, 8), new_tokens: int = 256, windows: int = 200, repeats: int = 3,
+           prompts=BEYOND_PROMPTS, toy_steps: int = 90, toy_test: int = 500) -> dict:
+    """Chapter 10's measurements on the shipped Shakespeare model, in one run: speculative greedy
+    decoding against plain greedy (n-gram draft fitted on the training text, and the shipped draft
+    model), the int8 cache against float32 (`kvlab.quantized.cache_quality`), and exact match of
+    greedy and beam search on chapter 8's toy tasks (models trained for `toy_steps` steps).
+    Built in chapter 10."""
+    from .beam import toy_beam_accuracy
+    from .data import Seq2SeqVocab, load_shakespeare_text, toy_pairs, train_val_split
+    from .pretrained import load_shakespeare
+    from .quantized import cache_quality
+    from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer, train_toy
+    from .speculative import NGramDraft, load_shakespeare_draft, speedup
+
+    model, tok = load_shakespeare()
+    draft = load_shakespeare_draft()
+    train_text, val_text = train_val_split(load_shakespeare_text())
+    ngram = NGramDraft(4, torch.tensor(tok.encode(train_text)), vocab_size=model.config.vocab_size)
+    ids = [torch.tensor([tok.encode(p)]) for p in prompts]
+    result: dict = {"device": describe_device(torch.device("cpu")), "cpu": _cpu_model(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "prompts": list(prompts)}
+    result["speculative"] = speedup(model, {"ngram (order 4, training text)": ngram, "draft model (1 layer)": draft},
+                                    ids, new_tokens=new_tokens, ks=tuple(ks), repeats=repeats)
+    result["int8_cache"] = cache_quality(model, torch.tensor(tok.encode(val_text)), ids, windows=windows,
+                                         new_tokens=new_tokens)
+    vocab = Seq2SeqVocab()
+    toy = {}
+    for task in ("reverse", "sort"):
+        test = toy_pairs(toy_test, task=task, seed=1)
+        train_pairs = toy_pairs(20_000, task=task, seed=0, exclude={s for s, _ in test})
+        torch.manual_seed(0)
+        toy_model = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=len(vocab), max_seq_len=12, d_model=64, n_layers=2,
+                                                     n_heads=4, d_ff=128))
+        train_toy(toy_model, train_pairs, vocab, steps=toy_steps, seed=0)
+        toy[task] = {f"beams_{k}": toy_beam_accuracy(toy_model, test, vocab, num_beams=k) for k in (1, 2, 4)}
+    result["beam_toy_exact_match"] = {"train_steps": toy_steps, "test_pairs": toy_test, **toy}
+    return result
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _beyond_main(args, argv) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = beyond(ks=args.beyond_ks, new_tokens=args.beyond_new_tokens, windows=args.beyond_windows,
+                    repeats=args.repeats)
+    result["note"] = ("one run on a machine shared with other jobs: absolute tokens/s are loaded numbers; the "
+                      "speed-ups are ratios within this run (plain and speculative interleaved)")
+    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

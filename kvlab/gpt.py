@@ -245,15 +245,19 @@ class GPT(nn.Module):
 
     def new_cache(
         self, batch_size: int, max_seq_len: int | None = None, kind: str = "static", window: int | None = None,
+        quantize: str | None = None,
     ) -> KVCache:
         """An empty KV cache for this model, on its device and in its dtype.
 
         kind="static" preallocates `max_seq_len` positions (default: the model's); "dynamic"
         grows by concatenation; "sliding" keeps the last `window` positions (default: the
         model's own window) — a full-attention model fed through a sliding cache behaves like
-        the same model with `config.window = window`. Built in chapter 4.
+        the same model with `config.window = window`. `quantize="int8"` stores keys and values
+        as int8 (static and sliding kinds; chapter 10). Built in chapter 4.
         """
         c = self.config
+        if quantize is not None and quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         if kind == "static":
             max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
         elif max_seq_len is not None:
@@ -264,7 +268,7 @@ class GPT(nn.Module):
                 raise ValueError("kind='sliding' needs a window (the model has no config.window)")
         return KVCache.create(kind, n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads,
                               head_dim=c.head_dim, max_seq_len=max_seq_len, window=window,
-                              device=self.device, dtype=self.dtype)
+                              device=self.device, dtype=self.dtype, quantize=quantize)
 
     # -- the forward pass --------------------------------------------------------------------
 

@@ -27,3 +27,4 @@ from .measuring import check_decode_bytes, check_kl_divergence, check_time_steps
 from .sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,  # noqa: F401
                        check_temperature_for_half, check_top_p_filter)
 from .serving import check_block_size_waste, check_gather_kv, check_left_pad  # noqa: F401
+from .beyond import check_acceptance_rate, check_int8_bytes_per_token, check_reorder_cache  # noqa: F401

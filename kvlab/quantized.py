@@ -1,0 +1,240 @@
+"""A quantized KV cache: keys and values stored as int8, one scale per token per head.
+
+Shape legend: B batch, Hkv key/value heads, T tokens fed in this call, S keys returned,
+D head_dim, W sliding window, N capacity (max_seq_len).
+
+Each key (and each value) vector of D numbers, for one token and one head, is stored as D
+int8 numbers and one float32 scale: scale = max|x| / 127, q = round(x / scale). Reading it back
+gives q * scale, off by at most scale / 2 per number. With D = 64 that is 64 + 4 bytes instead
+of 256 in float32: 0.27x the memory. Attention itself still runs in the model's dtype: the
+cache dequantizes what it returns, so the saving is in what is *kept*, not in the arithmetic.
+
+The two layer caches here have the same interface as `kvlab.cache`'s (key_positions, update,
+reset, length, nbytes) and are made by `model.new_cache(..., quantize="int8")`.
+Built in chapter 10.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["QUANTIZE_KINDS", "quantize_int8", "dequantize_int8", "Int8StaticLayerCache",
+           "Int8SlidingWindowLayerCache", "cache_quality"]
+
+QUANTIZE_KINDS = (None, "int8")
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., D) floats -> (..., D) int8 and (..., 1) float32 scales, symmetric absmax per vector.
+
+    A vector of zeros gets scale 1 (any scale reproduces it), so no division by zero.
+    Built in chapter 10.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0  # (..., 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The inverse of `quantize_int8` (up to rounding): q * scale, in `dtype`. Built in chapter 10."""
+    return (q.float() * scale).to(dtype)
+
+
+class Int8StaticLayerCache:
+    """The preallocated cache of chapter 4, holding int8 keys/values and their scales.
+
+    `update` quantizes the new keys and values, writes them at `input_pos`, and returns the
+    dequantized prefix [0, end) in the model's dtype. Built in chapter 10.
+    """
+
+    kind = "static"
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.v = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.k_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)  # (B, Hkv, N, 1)
+        self.v_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)
+        self.dtype = dtype  # what `update` returns
+        self.max_seq_len = max_seq_len
+        self.length = 0
+
+    def key_positions(self, input_pos: Tensor) -> Tensor:
+        return torch.arange(int(input_pos[-1]) + 1, device=self.k.device)
+
+    def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        start, end = int(input_pos[0]), int(input_pos[-1]) + 1
+        self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_int8(k)
+        self.v[:, :, start:end], self.v_scale[:, :, start:end] = quantize_int8(v)
+        self.length = end  # writing at an earlier position rewinds the cache
+        k_all = dequantize_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype)  # (B, Hkv, S, D)
+        v_all = dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype)
+        return k_all, v_all
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+class Int8SlidingWindowLayerCache:
+    """The ring buffer of chapter 4 (position p in slot p mod W), holding int8 keys/values.
+
+    Same rules as `kvlab.cache.SlidingWindowLayerCache`: a decode step writes first and
+    returns the ring; a multi-token step returns ring + new tokens, then keeps the last W.
+    New keys are quantized before they are used, so a token's key reads the same whether it
+    arrived in a chunk or alone. Built in chapter 10.
+    """
+
+    kind = "sliding"
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, head_dim: int, window: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.v = torch.zeros(shape, device=device, dtype=torch.int8)
+        self.k_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)  # (B, Hkv, W, 1)
+        self.v_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32)
+        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position in each slot
+        self.dtype = dtype
+        self.window = window
+        self.length = 0
+
+    def key_positions(self, input_pos: Tensor) -> Tensor:
+        start, T = int(input_pos[0]), input_pos.numel()
+        if T == 1:
+            slots = torch.arange(self.window, device=self.pos.device)
+            return torch.where(slots == start % self.window, start, self.pos)
+        new = torch.arange(start, start + T, device=self.pos.device)
+        return torch.cat([self.pos, new])  # (W + T,)
+
+    def _ring(self) -> tuple[Tensor, Tensor]:
+        return (dequantize_int8(self.k, self.k_scale, self.dtype),  # (B, Hkv, W, D)
+                dequantize_int8(self.v, self.v_scale, self.dtype))
+
+    def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        start, T = int(input_pos[0]), k.size(2)
+        qk, sk = quantize_int8(k)  # (B, Hkv, T, D), (B, Hkv, T, 1)
+        qv, sv = quantize_int8(v)
+        if T == 1:
+            slot = start % self.window
+            self.k[:, :, slot], self.k_scale[:, :, slot] = qk[:, :, 0], sk[:, :, 0]
+            self.v[:, :, slot], self.v_scale[:, :, slot] = qv[:, :, 0], sv[:, :, 0]
+            self.pos[slot] = start
+            self.length = start + 1
+            return self._ring()
+        ring_k, ring_v = self._ring()
+        k_all = torch.cat([ring_k, dequantize_int8(qk, sk, self.dtype)], dim=2)  # (B, Hkv, W + T, D)
+        v_all = torch.cat([ring_v, dequantize_int8(qv, sv, self.dtype)], dim=2)
+        keep = min(T, self.window)  # only the last W new tokens survive in the ring
+        positions = torch.arange(start + T - keep, start + T, device=self.pos.device)
+        slots = positions % self.window
+        self.k[:, :, slots], self.k_scale[:, :, slots] = qk[:, :, T - keep:], sk[:, :, T - keep:]
+        self.v[:, :, slots], self.v_scale[:, :, slots] = qv[:, :, T - keep:], sv[:, :, T - keep:]
+        self.pos[slots] = positions
+        self.length = start + T
+        return k_all, v_all
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+def make_int8_layers(kind: str, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, *,
+                     max_seq_len: int | None, window: int | None, device, dtype) -> list:
+    """The int8 layer caches for `KVCache.create(..., quantize="int8")` (arguments already checked)."""
+    if kind == "static":
+        return [Int8StaticLayerCache(batch_size, n_kv_heads, head_dim, max_seq_len, device=device, dtype=dtype)
+                for _ in range(n_layers)]
+    if kind == "sliding":
+        return [Int8SlidingWindowLayerCache(batch_size, n_kv_heads, head_dim, window, device=device, dtype=dtype)
+                for _ in range(n_layers)]
+    raise ValueError(f"quantize='int8' works with kind 'static' or 'sliding', not kind={kind!r}")
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cache_quality(model, val_ids: Tensor, prompts: list[Tensor], *, quantize: str = "int8", windows: int = 64,
+                  block_size: int | None = None, new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """How much a quantized cache changes a model, against the float cache of its own dtype.
+
+    Teacher-forced, over `windows` consecutive windows of `val_ids` (each run through a fresh
+    static cache, so every key is read back from the cache): mean KL(p_float || p_quantized)
+    per position, top-1 agreement, and the validation loss with each cache. Free-running, for
+    each prompt (1, T): `new_tokens` greedy tokens with each sliding/static cache, the fraction
+    of positions that agree and the first position that differs, plus the agreement of the
+    quantized cache's greedy choice along the float text (teacher-forced). Also the bytes of
+    each cache for one `new_tokens`-token sequence, float32 and bfloat16 by the formula.
+    Built in chapter 10.
+    """
+    import torch.nn.functional as F
+
+    from .cache import kv_cache_bytes
+    from .generate import generate
+
+    c = model.config
+    block = block_size or c.max_seq_len
+    n = min(windows, (val_ids.numel() - 1) // block)
+    if n < 1:
+        raise ValueError(f"val_ids has {val_ids.numel()} tokens; it needs more than block_size={block}")
+    ids = val_ids[: n * block + 1].to(model.device)
+    x_all, y_all = ids[:-1].view(n, block), ids[1:].view(n, block)
+    kl = agree = loss_f = loss_q = 0.0
+    for i in range(0, n, batch_size):
+        x, y = x_all[i: i + batch_size], y_all[i: i + batch_size]
+        B = x.size(0)
+        lf = model(x, model.new_cache(B, max_seq_len=block)).float().log_softmax(-1)  # (B, T, V)
+        lq = model(x, model.new_cache(B, max_seq_len=block, quantize=quantize)).float().log_softmax(-1)
+        kl += float(F.kl_div(lq, lf, log_target=True, reduction="sum"))
+        agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
+        loss_f += float(F.nll_loss(lf.flatten(0, 1), y.flatten(), reduction="sum"))
+        loss_q += float(F.nll_loss(lq.flatten(0, 1), y.flatten(), reduction="sum"))
+    positions = n * block
+    slides = c.pos == "rope" and c.window is not None
+    kind = dict(kind="sliding") if slides else {}
+    greedy = []
+    for idx in prompts:
+        T = idx.size(1)
+        size = {} if slides else dict(max_seq_len=T + new_tokens)
+        a = generate(model, idx, new_tokens, temperature=0, cache=model.new_cache(1, **kind, **size))
+        b = generate(model, idx, new_tokens, temperature=0,
+                     cache=model.new_cache(1, **kind, **size, quantize=quantize))
+        same = (a[0, T:] == b[0, T:]).cpu()
+        differs = (~same).nonzero()
+        # Teacher-forced along the float text: does the quantized cache choose the same next token?
+        cache = model.new_cache(1, **kind, **size, quantize=quantize)
+        logits = model(a[:, :-1], cache)[0, T - 1:]  # (new_tokens, V)
+        greedy.append(dict(agreement=float(same.float().mean()),
+                           first_difference=int(differs[0]) if differs.numel() else None,
+                           agreement_along_float_text=float((logits.argmax(-1) == a[0, T:]).float().mean())))
+    per_token = dict(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, seq_len=new_tokens)
+    q_bytes = model.new_cache(1, max_seq_len=new_tokens, quantize=quantize).nbytes
+    fp32 = kv_cache_bytes(**per_token, dtype=torch.float32)
+    bf16 = kv_cache_bytes(**per_token, dtype=torch.bfloat16)
+    return {
+        "quantize": quantize, "windows": n, "positions": positions,
+        "kl_nats": kl / positions, "top1_agreement": agree / positions,
+        "val_loss_float": loss_f / positions, "val_loss_quantized": loss_q / positions,
+        "val_loss_change": (loss_q - loss_f) / positions,
+        "greedy": greedy,
+        "greedy_agreement": sum(g["agreement"] for g in greedy) / max(len(greedy), 1),
+        "greedy_agreement_along_float_text": sum(g["agreement_along_float_text"] for g in greedy) / max(len(greedy), 1),
+        "bytes": {"float32": fp32, "bfloat16": bf16, quantize: q_bytes},
+        "ratio_to_float32": q_bytes / fp32, "ratio_to_bfloat16": q_bytes / bf16,
+    }

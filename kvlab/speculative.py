@@ -1,0 +1,437 @@
+"""Speculative decoding: a cheap draft guesses k tokens, the target checks them all in one forward.
+
+Shape legend: T prompt length, N new tokens, k draft tokens per round, V vocab_size.
+
+A decode step of a small model on a CPU (or of a large one on a GPU) costs about the same for
+one token as for a few: the time goes to reading the weights and to fixed per-call overhead,
+not to arithmetic. So let a cheap *draft* propose k tokens, feed the newest token and the k
+guesses to the *target* in one forward, and keep the guesses the target agrees with. Each
+round then yields between 1 and k + 1 tokens for one target forward.
+
+Nothing is approximated. Under greedy decoding a guess is kept only if it is the target's own
+argmax, so the text is the target's greedy text token for token. Under sampling, guess x
+(drawn from the draft's q) is kept with probability min(1, p(x) / q(x)); at the first
+rejection a token is drawn from max(0, p - q), renormalised; if all k are kept, a bonus token
+is drawn from the target's next distribution. Each emitted token then follows the target's
+distribution p exactly (Leviathan et al. 2023; Chen et al. 2023).
+
+The target's cache has been written for all k + 1 fed positions; after a rejection the
+positions past the last kept token must leave no trace: `rollback_cache` rewinds a static
+cache, truncates a dynamic one, and restores the slots a sliding ring overwrote from a copy
+saved before the forward (`save_ring`). Built in chapter 10.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .device import synchronize
+from .gpt import GPT
+from .sampling import check_sampling_args, logits_to_probs
+
+__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "speedup", "load_shakespeare_draft"]
+
+
+# -- the n-gram draft ----------------------------------------------------------------------------
+
+
+class NGramDraft:
+    """A draft with no neural network: it continues the text with n-grams it has seen.
+
+    To guess the next token it looks for the longest suffix of the text so far (up to `order`
+    tokens) that it has seen before: first earlier in the text itself ("prompt lookup", which
+    catches repetition), then in the table fitted on training text (`fit`), where each context
+    maps to its most frequent next token. It proposes nothing when nothing matches. Its guesses
+    are deterministic (q is all on the guess), which the acceptance rule handles like any other
+    draft. Built in chapter 10.
+    """
+
+    def __init__(self, order: int = 4, ids: Tensor | list[int] | None = None, *, vocab_size: int | None = None):
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+            raise ValueError(f"order must be a positive int, got {order!r}")
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+        self.order = int(order)
+        self.vocab_size = vocab_size  # checked against the target's when given
+        self.tables: list[dict[int, int]] = [{} for _ in range(self.order + 1)]  # [n]: context hash -> next
+        self._base = 1
+        if ids is not None:
+            self.fit(ids)
+
+    def fit(self, ids: Tensor | list[int]) -> "NGramDraft":
+        """Count every n-gram (n = 1..order) of `ids` and keep each context's most frequent next token."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+        if ids.numel() < 2:
+            raise ValueError(f"ids must hold at least 2 tokens to fit an n-gram table, got {ids.numel()}")
+        if int(ids.min()) < 0:
+            raise ValueError("ids must be non-negative token ids")
+        base = max(int(ids.max()) + 1, self.vocab_size or 0)
+        if self.tables[1] and base != self._base:
+            raise ValueError(f"ids use {base} token ids, the table was fitted on {self._base}")
+        if base ** (self.order + 1) >= 2 ** 62:
+            raise ValueError(f"order={self.order} is too long for a vocabulary of {base} (n-grams are hashed in 64 bits)")
+        self._base = base
+        for n in range(1, self.order + 1):
+            L = ids.numel() - n  # contexts that have a next token
+            if L < 1:
+                break
+            ctx = torch.zeros(L, dtype=torch.long)
+            for j in range(n):
+                ctx = ctx * base + ids[j: j + L]
+            pair = ctx * base + ids[n: n + L]  # (context, next) as one number
+            pairs, counts = torch.unique(pair, return_counts=True)
+            # Most frequent next token per context: sort by count, then (stably) by context, take the first.
+            order = torch.argsort(counts, descending=True, stable=True)
+            pairs = pairs[order]
+            pairs = pairs[torch.argsort(pairs // base, stable=True)]
+            ctxs = pairs // base
+            first = torch.ones_like(ctxs, dtype=torch.bool)
+            first[1:] = ctxs[1:] != ctxs[:-1]
+            table = self.tables[n]
+            for c, nxt in zip(ctxs[first].tolist(), (pairs[first] % base).tolist()):
+                table.setdefault(c, nxt)  # an earlier fit keeps its answer
+        return self
+
+    def _hash(self, tokens: list[int]) -> int:
+        h = 0
+        for t in tokens:
+            h = h * self._base + t
+        return h
+
+    def _next(self, text: str, tokens: list[int]) -> int | None:
+        for n in range(min(self.order, len(tokens)), 0, -1):
+            suffix = text[-n:]
+            if n >= 2:  # the text itself: the latest earlier occurrence of the last n tokens
+                at = text.rfind(suffix, 0, len(text) - 1)
+                if at >= 0:
+                    return tokens[at + n]
+            if all(t < self._base for t in tokens[-n:]):
+                nxt = self.tables[n].get(self._hash(tokens[-n:]))
+                if nxt is not None:
+                    return nxt
+        return None
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to `k` guessed next tokens after `tokens` (fewer when nothing matches)."""
+        tokens = list(tokens)
+        text = "".join(map(chr, tokens))  # token ids as characters: str.rfind does the search
+        out: list[int] = []
+        for _ in range(k):
+            nxt = self._next(text, tokens)
+            if nxt is None:
+                break
+            out.append(nxt)
+            tokens.append(nxt)
+            text += chr(nxt)
+        return out
+
+    def __repr__(self) -> str:
+        sizes = [len(t) for t in self.tables[1:]]
+        return f"NGramDraft(order={self.order}, contexts per n={sizes})"
+
+
+# -- rolling a cache back ------------------------------------------------------------------------
+
+_BATCHED = ("k", "v", "k_scale", "v_scale")
+
+
+def save_ring(cache: KVCache, start: int, T: int) -> list[dict] | None:
+    """Before feeding T tokens at positions start.., copy the sliding-ring slots they will overwrite.
+
+    Returns what `rollback_cache` needs to undo the write (None for a static or dynamic cache,
+    which need no copy). Built in chapter 10.
+    """
+    if cache.kind != "sliding":
+        return None
+    W = cache.window
+    if T > W:
+        raise ValueError(f"cannot save {T} positions of a sliding cache with window {W}: feed at most {W}")
+    slots = torch.arange(start, start + T) % W
+    saved = []
+    for layer in cache.layers:
+        entry = {"slots": slots, "pos": layer.pos[slots.to(layer.pos.device)].clone()}
+        for name in _BATCHED:
+            t = getattr(layer, name, None)
+            if t is not None:
+                entry[name] = t[:, :, slots.to(t.device)].clone()
+        saved.append(entry)
+    return saved
+
+
+def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None) -> None:
+    """Forget every position >= `length`, as if those tokens had never been fed.
+
+    Static cache: move the write position back (old values past it are never read). Dynamic:
+    cut the tensors. Sliding ring: the forward overwrote slots that held older positions, so
+    `saved` (from `save_ring` before that forward) must be given; the slots of the forgotten
+    positions get their old contents back. Built in chapter 10.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= cache.length:
+        raise ValueError(f"length must be an int in [0, cache.length={cache.length}], got {length!r}")
+    if length == cache.length:
+        return
+    if cache.kind == "static":
+        for layer in cache.layers:
+            layer.length = length
+    elif cache.kind == "dynamic":
+        for layer in cache.layers:
+            layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
+            layer.length = length
+    else:
+        if saved is None:
+            raise ValueError("a sliding-window cache overwrote older slots when it was fed: roll it back with the "
+                             "copy from save_ring(cache, start, T) taken before that forward, or use a static cache")
+        for layer, entry in zip(cache.layers, saved):
+            slot_pos = layer.pos[entry["slots"].to(layer.pos.device)]
+            undo = slot_pos >= length  # slots now holding a forgotten position
+            slots = entry["slots"].to(layer.pos.device)[undo]
+            layer.pos[slots] = entry["pos"][undo]
+            for name in _BATCHED:
+                t = getattr(layer, name, None)
+                if t is not None:
+                    t[:, :, slots.to(t.device)] = entry[name][:, :, undo.to(t.device)]
+            layer.length = length
+
+
+# -- speculative generation ----------------------------------------------------------------------
+
+
+def _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, top_p, min_p, generator, stats):
+    if not isinstance(target, GPT):
+        raise TypeError(f"target must be a kvlab.GPT, got {type(target).__name__}")
+    if not isinstance(draft, (GPT, NGramDraft)):
+        raise TypeError(f"draft must be a kvlab.GPT or a kvlab.speculative.NGramDraft, got {type(draft).__name__}")
+    V = target.config.vocab_size
+    draft_V = draft.config.vocab_size if isinstance(draft, GPT) else draft.vocab_size
+    if draft_V is not None and draft_V != V:
+        raise ValueError(f"draft has vocab_size={draft_V} but the target has {V}: they must share the tokenizer")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be an int >= 1 (draft tokens per round), got {k}")
+    target.check_inputs(idx)
+    if idx.size(0) != 1:
+        raise ValueError(f"idx must hold one sequence, shape (1, T), got {tuple(idx.shape)}: speculative decoding "
+                         "here accepts a different number of tokens per round, so it runs one sequence at a time")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling_args(temperature, top_k, top_p, min_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
+    total = idx.size(1) + max_new_tokens
+    for name, model in (("target", target), ("draft", draft)):
+        if isinstance(model, GPT):
+            c = model.config
+            if total > c.max_seq_len and not (c.pos == "rope" and c.window is not None):
+                raise ValueError(f"prompt + max_new_tokens = {total} exceeds the {name}'s max_seq_len={c.max_seq_len}")
+            if model.device != idx.device:
+                raise ValueError(f"{name} is on {model.device} but idx is on {idx.device}")
+
+
+def _cache_for(model: GPT, capacity: int) -> KVCache:
+    """A static cache with room for `capacity` positions (a windowed model still masks to its window)."""
+    return model.new_cache(1, max_seq_len=capacity, kind="static")
+
+
+def _draw(probs: Tensor, generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: GPT,
+    draft: "GPT | NGramDraft",
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    k: int = 4,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stats: dict | None = None,
+) -> Tensor:
+    """Continue one prompt `idx` (1, T) by `max_new_tokens`, with `draft` guessing `k` tokens a round.
+
+    `draft` is a smaller `kvlab.GPT` with the same vocabulary, or an `NGramDraft`. With
+    temperature=0 the result equals `kvlab.generate(target, idx, ..., temperature=0)`; otherwise
+    each token follows the target's distribution under the same temperature and filters. Pass a
+    dict as `stats` to get acceptance_rate (kept guesses / guesses), tokens_per_target_forward
+    (new tokens / target forwards, the prefill of all but the prompt's last token included), the counts behind them, total_s and
+    tokens_per_s. Random draws use `generator` (a CPU generator) when given. Built in chapter 10.
+    """
+    _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, top_p, min_p, generator, stats)
+    k, N = int(k), int(max_new_tokens)
+    T = idx.size(1)
+    if N == 0:
+        return idx.clone()
+    greedy = temperature == 0
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    device = idx.device
+    synchronize(device)
+    t0 = time.perf_counter()
+    counts = dict(target_forwards=0, draft_forwards=0, proposed=0, accepted=0, rounds=0)
+
+    # The loop keeps one rule: the target's cache holds every token but the newest, which the
+    # next verify forward feeds along with the guesses. So the prefill stops one token short.
+    tcache = _cache_for(target, T + N + k + 1)
+    if T > 1:
+        target._forward(idx[:, :-1], tcache, 0, last_only=True)
+        counts["target_forwards"] += 1
+    out = idx[0].tolist()
+    model_draft = isinstance(draft, GPT)
+    if model_draft:
+        dcache = _cache_for(draft, T + N + k + 1)
+        fed = 0  # positions of `out` the draft's cache holds
+
+    while len(out) - T < N:
+        L = len(out)  # the target's cache holds positions 0..L-2; out[L-1] is not fed yet
+        m = min(k, N - (L - T) - 1)  # a round yields up to m + 1 tokens: no more than still wanted
+        guesses: list[int] = []
+        q_rows: list[Tensor] = []  # the draft's distribution for each guess (model draft, sampling)
+        if m > 0 and model_draft:
+            feed = out[fed:]
+            for _ in range(m):
+                x = torch.tensor([feed], device=device)
+                d_logits = draft._forward(x, dcache, fed, last_only=True)[0, -1]
+                counts["draft_forwards"] += 1
+                fed += len(feed)
+                if greedy:
+                    g = int(d_logits.argmax())
+                else:
+                    q = logits_to_probs(d_logits.float(), **filters).cpu()
+                    g = _draw(q, generator)
+                    q_rows.append(q)
+                guesses.append(g)
+                feed = [g]
+        elif m > 0:
+            guesses = draft.propose(out, m)
+        m = len(guesses)
+
+        x = torch.tensor([[out[-1]] + guesses], device=device)  # (1, m + 1)
+        logits = target._forward(x, tcache, L - 1)[0]  # (m + 1, V): the target's view after each token
+        counts["target_forwards"] += 1
+        counts["rounds"] += 1
+        counts["proposed"] += m
+
+        n = 0  # guesses kept
+        if greedy:
+            best = logits.argmax(dim=-1).tolist()
+            while n < m and guesses[n] == best[n]:
+                n += 1
+            nxt = best[n]
+        else:
+            p = logits_to_probs(logits.float(), **filters).cpu()  # (m + 1, V)
+            nxt = None
+            for i, g in enumerate(guesses):
+                q_g = float(q_rows[i][g]) if q_rows else 1.0
+                if float(torch.rand((), generator=generator)) < min(1.0, float(p[i, g]) / q_g):
+                    n += 1
+                    continue
+                residual = (p[i] - q_rows[i]).clamp_(min=0) if q_rows else p[i].clone().index_fill_(0, torch.tensor(g), 0.0)
+                if float(residual.sum()) <= 0:  # p == q: the rejection had probability 0; fall back to p
+                    residual = p[i]
+                nxt = _draw(residual / residual.sum(), generator)
+                break
+            if nxt is None:  # every guess kept: a bonus token from the last position
+                nxt = _draw(p[m], generator)
+        counts["accepted"] += n
+        out += guesses[:n] + [nxt]
+        rollback_cache(tcache, L + n)  # keep out[0..L-1] and the n kept guesses
+        if model_draft:
+            fed = min(fed, L + n)  # the draft fed out[L-1] and guesses 1..m-1; keep what matches `out`
+            rollback_cache(dcache, fed)
+
+    out = out[: T + N]
+    synchronize(device)
+    elapsed = time.perf_counter() - t0
+    if stats is not None:
+        proposed = counts["proposed"]
+        stats.update(counts, new_tokens=N, k=k, total_s=elapsed, tokens_per_s=N / elapsed,
+                     acceptance_rate=counts["accepted"] / proposed if proposed else math.nan,
+                     tokens_per_target_forward=N / counts["target_forwards"])
+    return torch.tensor([out], dtype=torch.long, device=device)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def speedup(target: GPT, drafts: dict, prompts: list[Tensor], *, new_tokens: int = 256,
+            ks: tuple[int, ...] = (4,), repeats: int = 3) -> dict:
+    """Greedy speculative decoding against plain greedy `kvlab.generate`, in one interleaved run.
+
+    For each prompt, each repeat runs plain greedy and then every (draft, k) once, so a machine
+    that slows down or speeds up affects all of them alike; tokens/s are the median over repeats
+    and prompts together. Reports, per draft and k: tokens/s, the speed-up over plain greedy,
+    acceptance rate, tokens per target forward, and whether every run's tokens were identical to
+    plain greedy's. Built in chapter 10.
+    """
+    from .generate import generate
+
+    import statistics
+
+    plain_rates: list[float] = []
+    runs: dict[tuple[str, int], list[dict]] = {(name, k): [] for name in drafts for k in ks}
+    identical = {key: True for key in runs}
+    for idx in prompts:
+        expected = None
+        for _ in range(repeats):
+            stats: dict = {}
+            out = generate(target, idx, new_tokens, temperature=0, stats=stats)
+            expected = out if expected is None else expected
+            plain_rates.append(new_tokens / stats["total_s"])
+            for (name, k) in runs:
+                s: dict = {}
+                got = speculative_generate(target, drafts[name], idx, new_tokens, k=k, temperature=0, stats=s)
+                identical[(name, k)] &= bool(torch.equal(got, expected))
+                runs[(name, k)].append(s)
+    plain = statistics.median(plain_rates)
+    table = []
+    for (name, k), stats_list in runs.items():
+        rate = statistics.median(s["tokens_per_s"] for s in stats_list)
+        proposed = sum(s["proposed"] for s in stats_list)
+        table.append({
+            "draft": name, "k": k, "tokens_per_s": rate, "speedup": rate / plain,
+            "acceptance_rate": sum(s["accepted"] for s in stats_list) / proposed if proposed else math.nan,
+            "tokens_per_target_forward": statistics.mean(s["tokens_per_target_forward"] for s in stats_list),
+            "draft_forwards_per_token": statistics.mean(s["draft_forwards"] / s["new_tokens"] for s in stats_list),
+            "identical_tokens": identical[(name, k)],
+        })
+    return {"plain_greedy_tokens_per_s": plain, "new_tokens": new_tokens, "prompts": len(prompts),
+            "repeats": repeats, "runs": table}
+
+
+DRAFT_DIR = "data/shakespeare_draft"  # the shipped draft model, relative to the repository root
+
+
+def load_shakespeare_draft(*, device: torch.device | str | None = None) -> GPT:
+    """The one-layer draft model shipped beside the Shakespeare model (same 65-character
+    tokenizer, RoPE with the same 128-position window; `scripts/train_draft.py` trained it), in
+    eval mode, with its record on `.record`. From an installed kvlab, downloaded once and
+    verified, like the Shakespeare model. Built in chapter 10.
+    """
+    from .data import checkout_root, repo_file
+    from .pretrained import load_shakespeare
+
+    root = checkout_root()
+    if root is not None:
+        folder = root / DRAFT_DIR
+    else:
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "record.json"):
+            folder = repo_file(f"{DRAFT_DIR}/{name}").parent
+    model, _ = load_shakespeare(folder, device=device)
+    return model
