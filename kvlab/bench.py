@@ -33,7 +33,7 @@ from .generate import decode_step, next_token, prefill
 from .gpt import GPT, GPTConfig
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
-           "cache_memory", "load_recorded", "main"]
+           "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded", "main"]
 
 
 @dataclass
@@ -265,6 +265,35 @@ def cache_memory(model: GPT, batch_size: int, tokens: int, kind: str = "static",
     return sum(storages.values())
 
 
+def read_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the median time to sum a buffer far larger than the caches.
+
+    A decode step reads every weight once, so this is the speed limit of decoding: a step cannot
+    take less than its bytes divided by this. Built in chapter 5.
+    """
+    device = torch.device(device)
+    buffer = torch.randn(mib * 2**18, device=device)  # mib MiB of float32
+    buffer.sum()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        buffer.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return buffer.nbytes / statistics.median(times)
+
+
+def decode_weight_bytes(model: GPT) -> int:
+    """Bytes of weights one decode step reads: every block, the final norm and the output layer, once.
+
+    The embedding tables are left out (a step reads one row per sequence), except that a tied
+    output layer *is* the token table. Built in chapter 5.
+    """
+    params = {id(p): p for p in (*model.blocks.parameters(), *model.norm_f.parameters(), *model.lm_head.parameters())}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def load_recorded(name: str) -> dict:
     """A benchmark record the course committed in `data/bench` (e.g. "cpu_fp32_vs_hf"); see its README.
 
@@ -437,6 +466,8 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
         import transformers
 
         result["transformers"] = transformers.__version__
+    result["read_bandwidth_bytes_s"] = read_bandwidth(device)
+    result["decode_weight_bytes"] = decode_weight_bytes(model)
     result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -67,14 +67,3 @@ def test_compiled_generate_gives_the_eager_tokens_and_never_recompiles(kind):
         compiled = kvlab.generate(model, idx, n, temperature=0, cache=cache, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert torch.equal(compiled, eager) and torch.equal(first, eager[:, :7])
-
-
-def test_compile_argument_checks():
-    model = make_model("gpt2")
-    idx = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="use_cache"):
-        kvlab.generate(model, idx, 4, use_cache=False, compile=True)
-    with pytest.raises(ValueError, match="kind"):
-        kvlab.generate(model, idx, 4, cache=model.new_cache(1, kind="dynamic"), compile=True)
-    with pytest.raises(TypeError, match="compile"):
-        kvlab.generate(model, idx, 4, compile="yes")
