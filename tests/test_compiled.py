@@ -5,6 +5,8 @@ cache it supports; compiled with fullgraph=True it must give them too, and a sec
 fiftieth step must reuse the first compilation (no graph break, no recompile per position).
 Compiling on a CPU takes seconds, so the compiled tests use the tests' smallest models."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -47,6 +49,11 @@ def test_fixed_shape_step_gives_the_eager_tokens(style, kind):
         assert torch.equal(cache.layers[0].pos, reference.layers[0].pos)
 
 
+needs_cpp = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                               reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@needs_cpp
 @pytest.mark.parametrize("kind", ["static", "sliding"])
 def test_compiled_generate_gives_the_eager_tokens_and_never_recompiles(kind):
     from torch._dynamo.utils import counters
@@ -67,3 +74,14 @@ def test_compiled_generate_gives_the_eager_tokens_and_never_recompiles(kind):
         compiled = kvlab.generate(model, idx, n, temperature=0, cache=cache, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert torch.equal(compiled, eager) and torch.equal(first, eager[:, :7])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("kind", ["static", "sliding"])
+def test_compiled_generate_with_cuda_graphs_gives_the_eager_tokens(kind):
+    model = (make_model("modern", window=16) if kind == "sliding" else make_model("gpt2")).cuda()
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    new = lambda: model.new_cache(2, kind="sliding") if kind == "sliding" else model.new_cache(2, max_seq_len=45)  # noqa: E731
+    eager = kvlab.generate(model, idx, 40, temperature=0, cache=new())
+    for _ in range(3):  # compiles, then records the graph, then replays it; a new cache moves the buffers
+        assert torch.equal(kvlab.generate(model, idx, 40, temperature=0, cache=new(), compile=True), eager)
