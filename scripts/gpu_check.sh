@@ -104,11 +104,15 @@ fi
 notebooks=(notebooks/*.ipynb)
 [ $tiny -eq 1 ] && notebooks=(notebooks/03_gpt_decoder.ipynb)
 if has nbval && has ipykernel; then
-  step "notebooks (nbval)" "$out/notebooks.log" "$PY" -m pytest -q -p no:cacheprovider --nbval-lax \
-    --nbval-current-env --nbval-cell-timeout=300 "${notebooks[@]}"
+  nbjobs=()
+  if has xdist && [ $tiny -eq 0 ]; then nbjobs=(-n 4 --dist loadfile); fi
+  step "notebooks (nbval)" "$out/notebooks.log" env OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider \
+    --nbval-lax --nbval-current-env --nbval-cell-timeout=300 "${nbjobs[@]}" "${notebooks[@]}"
 else
   note "NOTE  nbval/ipykernel not importable by $PY: running the notebooks' code cells in plain Python instead"
-  step "notebooks (plain Python, no nbval)" "$out/notebooks.log" "$PY" "$root/scripts/run_notebook_cells.py" "${notebooks[@]}"
+  step "notebooks (plain Python, no nbval)" "$out/notebooks.log" \
+    env NOTEBOOK_JOBS=$([ $tiny -eq 1 ] && echo 1 || echo 4) OMP_NUM_THREADS=2 \
+    "$PY" "$root/scripts/run_notebook_cells.py" "${notebooks[@]}"
 fi
 
 echo; echo "== summary (also in $summary)"; cat "$summary"

@@ -49,19 +49,26 @@ for i, cell in enumerate(cells):
 '''
 
 
+def _run(path: str, env: dict) -> tuple[str, bool, float, str]:
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RUNNER, os.path.abspath(path)],
+                          cwd=os.path.dirname(os.path.abspath(path)), env=env, capture_output=True, text=True)
+    return path, done.returncode == 0, time.perf_counter() - t0, done.stdout[-3000:] + "\n" + done.stderr[-6000:]
+
+
 def main(paths: list[str]) -> int:
-    failures = 0
+    """Run the notebooks, NOTEBOOK_JOBS (default 1) at a time; return the number that failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    for path in paths:
-        t0 = time.perf_counter()
-        directory = os.path.dirname(os.path.abspath(path))
-        done = subprocess.run([sys.executable, "-c", RUNNER, os.path.abspath(path)], cwd=directory, env=env,
-                              capture_output=True, text=True)
-        ok = done.returncode == 0
-        failures += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if not ok:
-            print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
+    jobs = max(1, int(os.environ.get("NOTEBOOK_JOBS", "1")))
+    failures = 0
+    with ThreadPoolExecutor(jobs) as pool:
+        for path, ok, seconds, log in pool.map(lambda p: _run(p, env), paths):
+            failures += not ok
+            print(f"{'PASS' if ok else 'FAIL'} {path} ({seconds:.0f} s)", flush=True)
+            if not ok:
+                print(log)
     return failures
 
 
