@@ -3,6 +3,7 @@
 #   make book          set up .venv (if needed) and build the book into _build/html
 #   make test          set up .venv (if needed) and run the unit tests and every notebook
 #   make browser-test  open every page of the built book in Chromium and check it
+#   make gpu-check     on a CUDA machine: unit tests, every notebook, data/bench/cuda_*.json
 #
 # Other targets: setup, assets, test-unit, test-notebooks, strip, clean, distclean, help.
 
@@ -50,12 +51,13 @@ endif
 # since, which makes `make setup` install again; otherwise setup does nothing.
 STAMP := $(VENV)/.kvlab-setup-stamp
 
-.PHONY: help setup set-repository assets book test test-unit test-notebooks browser-test strip clean distclean
+.PHONY: help setup set-repository assets book test test-unit test-notebooks browser-test gpu-check strip clean distclean
 
 help:
 	@echo "make book       set up .venv and build the book into _build/html"
 	@echo "make test       set up .venv and run the unit tests and every notebook"
 	@echo "make browser-test   check every page of the built book in Chromium (after make book)"
+	@echo "make gpu-check  on a CUDA GPU: unit tests, notebooks and the cuda_*.json bench records (< 8 min)"
 	@echo "make setup      only create/update .venv ($(TORCH_SPEC) first, then the requirements)"
 	@echo "make assets     npm ci, then stage MathJax and the widget scripts for the book"
 	@echo "make test-unit | test-notebooks   one half of 'make test' (no setup)"
@@ -169,6 +171,15 @@ browser-test: setup
 	@test -f _build/html/index.html || { echo "browser-test: no book in _build/html: run 'make book' first"; exit 1; }
 	KVLAB_BROWSER_TEST=required $(if $(CHROMIUM),KVLAB_CHROMIUM=$(CHROMIUM)) \
 	  $(PY) -m pytest tests/browser $(BROWSER_ARGS)
+
+# On a machine with a CUDA GPU: the unit tests, the CUDA benchmark records behind chapter 5
+# (copied into data/bench/ when every step passed) and every notebook with device = the GPU.
+# scripts/gpu_check.sh does the work and runs with any Python that has torch, transformers and
+# pytest: `PYTHON=python3 bash scripts/gpu_check.sh OUT_DIR` needs no .venv.
+GPU_CHECK_OUT ?= _build/gpu-check
+gpu-check: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
+	cp $(GPU_CHECK_OUT)/bench/cuda_*.json data/bench/
 
 # Notebooks are committed without outputs: the book and the tests execute them anyway
 # (_config.yml), and outputs make diffs unreadable.

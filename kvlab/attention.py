@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear
 
 __all__ = [
     "causal_mask",
@@ -153,7 +152,7 @@ class _AttentionBase(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.out = Linear(d_model, d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
 
     def _finish(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, return_weights: bool
@@ -190,7 +189,7 @@ class SelfAttention(_AttentionBase):
     ):
         super().__init__(d_model, n_heads, n_kv_heads, bias, dropout)
         kv_dim = self.n_kv_heads * self.head_dim
-        self.qkv = Linear(d_model, d_model + 2 * kv_dim, bias=bias)
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=bias)
 
     def forward(
         self,
@@ -236,8 +235,8 @@ class CrossAttention(_AttentionBase):
     ):
         super().__init__(d_model, n_heads, n_kv_heads, bias, dropout)
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q = Linear(d_model, d_model, bias=bias)
-        self.kv = Linear(d_model, 2 * kv_dim, bias=bias)
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * kv_dim, bias=bias)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory: (B, S, C) -> keys and values, each (B, Hkv, S, D)."""

@@ -16,6 +16,7 @@ one stays flat. Built in chapter 5.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -27,18 +28,19 @@ import torch
 
 from .cache import kv_cache_bytes
 from .device import describe_device, synchronize
+from .compiled import advance, compiled_decode_step, prepare_cache
 from .generate import decode_step, next_token, prefill
 from .gpt import GPT, GPTConfig
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
-           "cache_memory", "load_recorded", "main"]
+           "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded", "main"]
 
 
 @dataclass
 class GenerationTiming:
     """One timed generation: the prefill and every decode step, in seconds."""
 
-    backend: str  # "kvlab" or "hf"
+    backend: str  # "kvlab", "kvlab-compile", "hf" (its default cache) or "hf-static"
     use_cache: bool
     batch_size: int
     prompt_len: int
@@ -70,13 +72,14 @@ def _peak(device: torch.device, fallback: int) -> int:
 
 @torch.inference_mode()
 def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache: bool = True,
-                    cache_kind: str = "static") -> tuple[GenerationTiming, torch.Tensor]:
+                    cache_kind: str = "static", compile: bool = False) -> tuple[GenerationTiming, torch.Tensor]:
     """Greedy-generate `new_tokens` after `idx` (B, T), timing the prefill and every step.
 
     The loop is `kvlab.generate`'s own (prefill → next_token → decode_step), with a device
     synchronisation after each step so each time is the step's real cost. Returns the timing
-    and the tokens (B, T + N), which equal `kvlab.generate(..., temperature=0)`. Built in
-    chapter 5.
+    and the tokens (B, T + N), which equal `kvlab.generate(..., temperature=0)`. With
+    `compile=True` the decode steps are `kvlab.generate(..., compile=True)`'s compiled step
+    (CUDA graphs on CUDA); warm up first, since the first call compiles. Built in chapter 5.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -97,6 +100,11 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
         logits = prefill(model, idx, cache)
     else:
         logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+    if compile:
+        if not use_cache:
+            raise ValueError("compile=True needs use_cache=True")
+        prepare_cache(cache)
+        input_pos = torch.tensor([T], device=device)
     token = next_token(logits, temperature=0)
     out[:, T] = token[:, 0]
     synchronize(device)
@@ -104,7 +112,11 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     steps = []
     for n in range(1, new_tokens):
         t0 = time.perf_counter()
-        if use_cache:
+        if compile:
+            logits = compiled_decode_step(model, token, input_pos, cache)
+            advance(cache, T + n)
+            input_pos += 1
+        elif use_cache:
             logits = decode_step(model, token, cache)
         else:
             logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
@@ -114,8 +126,8 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
         steps.append(time.perf_counter() - t0)
     total = time.perf_counter() - start
     cache_bytes = cache.nbytes if cache is not None else 0
-    timing = GenerationTiming("kvlab", use_cache, B, T, new_tokens, ttft, steps, total,
-                              _peak(device, cache_bytes))
+    timing = GenerationTiming("kvlab-compile" if compile else "kvlab", use_cache, B, T, new_tokens, ttft, steps,
+                              total, _peak(device, cache_bytes))
     return timing, out
 
 
@@ -135,20 +147,26 @@ class _TokenClock:
 
 
 @torch.inference_mode()
-def time_hf_generation(hf_model, idx: torch.Tensor, new_tokens: int, *, use_cache: bool = True
-                       ) -> tuple[GenerationTiming, torch.Tensor]:
+def time_hf_generation(hf_model, idx: torch.Tensor, new_tokens: int, *, use_cache: bool = True,
+                       cache_implementation: str | None = None) -> tuple[GenerationTiming, torch.Tensor]:
     """The same measurement for a Hugging Face model's `generate` (greedy, exactly `new_tokens`).
 
     A streamer timestamps each token; its first call receives the prompt, so the stamps after
-    it mark token 1 (TTFT) and each decode step. Built in chapter 5.
+    it mark token 1 (TTFT) and each decode step. `cache_implementation="static"` asks
+    `generate` for its preallocated cache instead of its default concatenating one (the timing's
+    backend is then "hf-static"). Built in chapter 5.
     """
     device = idx.device
     clock = _TokenClock(device)
     _reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
+    extra = {}
+    if cache_implementation is not None and use_cache:
+        # On a GPU, generate compiles the model by itself when its cache is static: keep it eager.
+        extra = {"cache_implementation": cache_implementation, "disable_compile": True}
     out = hf_model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            use_cache=use_cache, pad_token_id=0, streamer=clock)
+                            use_cache=use_cache, pad_token_id=0, streamer=clock, **extra)
     synchronize(device)
     total = time.perf_counter() - start
     stamps = clock.stamps[1:]  # the first put() is the prompt
@@ -158,7 +176,8 @@ def time_hf_generation(hf_model, idx: torch.Tensor, new_tokens: int, *, use_cach
     cfg = hf_model.config
     est = kv_cache_bytes(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T + new_tokens, B,
                          next(hf_model.parameters()).dtype) if use_cache else 0
-    return GenerationTiming("hf", use_cache, B, T, new_tokens, ttft, steps, total, _peak(device, est)), out
+    backend = "hf-static" if extra else "hf"
+    return GenerationTiming(backend, use_cache, B, T, new_tokens, ttft, steps, total, _peak(device, est)), out
 
 
 def summarize(runs: list[GenerationTiming]) -> dict:
@@ -246,6 +265,35 @@ def cache_memory(model: GPT, batch_size: int, tokens: int, kind: str = "static",
     return sum(storages.values())
 
 
+def read_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the median time to sum a buffer far larger than the caches.
+
+    A decode step reads every weight once, so this is the speed limit of decoding: a step cannot
+    take less than its bytes divided by this. Built in chapter 5.
+    """
+    device = torch.device(device)
+    buffer = torch.randn(mib * 2**18, device=device)  # mib MiB of float32
+    buffer.sum()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        buffer.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return buffer.nbytes / statistics.median(times)
+
+
+def decode_weight_bytes(model: GPT) -> int:
+    """Bytes of weights one decode step reads: every block, the final norm and the output layer, once.
+
+    The embedding tables are left out (a step reads one row per sequence), except that a tied
+    output layer *is* the token table. Built in chapter 5.
+    """
+    params = {id(p): p for p in (*model.blocks.parameters(), *model.norm_f.parameters(), *model.lm_head.parameters())}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def load_recorded(name: str) -> dict:
     """A benchmark record the course committed in `data/bench` (e.g. "cpu_fp32_vs_hf"); see its README.
 
@@ -270,11 +318,16 @@ def load_recorded(name: str) -> dict:
 
 
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),
-          repeats: int = 3, warmup: int = 1, hf_model=None, seed: int = 0, progress=print) -> dict:
+          repeats: int = 3, warmup: int = 1, hf_model=None, hf_caches=("dynamic", "static"), compile: bool = False,
+          seed: int = 0, progress=print) -> dict:
     """Run every combination, `warmup` untimed runs first, `repeats` timed; results as a dict for JSON.
 
-    With `hf_model` (the same weights, e.g. from `to_hf_gpt2_state_dict`), each setting also
-    runs Hugging Face `generate`, and the run checks both produced identical tokens.
+    With `hf_model` (the same weights, e.g. from `to_hf_gpt2_state_dict`), each cached setting
+    also runs Hugging Face `generate` with each cache of `hf_caches` ("dynamic", its default,
+    and "static", its preallocated one; both eager), an uncached one once, and the run checks
+    that every backend produced the tokens kvlab did. `compile=True` adds kvlab's compiled
+    decode step ("kvlab-compile"). Within a setting the backends take turns, one run each per
+    round, so a machine that slows down during the sweep slows them all alike.
     """
     device = model.device
     results = []
@@ -285,35 +338,42 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
             for N in new_tokens:
                 for cached in use_cache:
                     backends = [("kvlab", lambda: time_generation(model, idx, N, use_cache=cached))]
+                    if compile and cached:
+                        backends.append(("kvlab-compile", lambda: time_generation(model, idx, N, compile=True)))
                     if hf_model is not None:
-                        backends.append(("hf", lambda: time_hf_generation(hf_model, idx, N, use_cache=cached)))
-                    tokens = {}
+                        for impl in (hf_caches if cached else ("dynamic",)):
+                            backends.append(("hf" if impl == "dynamic" else f"hf-{impl}", functools.partial(
+                                time_hf_generation, hf_model, idx, N, use_cache=cached,
+                                cache_implementation=None if impl == "dynamic" else impl)))
+                    tokens, runs = {}, {name: [] for name, _ in backends}
                     for name, run in backends:
                         for _ in range(warmup):
                             run()
-                        runs = []
-                        for _ in range(repeats):
+                    for _ in range(repeats):  # round-robin: one timed run of each backend per round
+                        for name, run in backends:
                             timing, tokens[name] = run()
-                            runs.append(timing)
-                        summary = summarize(runs)
+                            runs[name].append(timing)
+                    for name, _ in backends:
+                        summary = summarize(runs[name])
                         results.append(summary)
-                        progress(f"{name:5s} cache={cached!s:5s} B={B:<3d} T={T:<5d} N={N:<5d} "
+                        progress(f"{name:13s} cache={cached!s:5s} B={B:<3d} T={T:<5d} N={N:<5d} "
                                  f"TTFT {summary['ttft_s']['median'] * 1e3:8.1f} ms  "
                                  f"TPOT {summary['tpot_s']['median'] * 1e3:7.2f} ms  "
                                  f"{summary['throughput_tok_s']['median']:8.1f} tok/s")
-                    if "hf" in tokens:
-                        same = (tokens["hf"].cpu() == tokens["kvlab"].cpu())[:, T:].float().mean().item()
-                        results[-1]["tokens_equal_to_kvlab"] = same
+                        if name == "kvlab":
+                            continue
+                        same = (tokens[name].cpu() == tokens["kvlab"].cpu())[:, T:].float().mean().item()
+                        summary["tokens_equal_to_kvlab"] = same
                         # In float32 the two must agree exactly; in 16-bit formats they round
                         # differently, and a near-tie can flip a greedy choice, so that is recorded.
-                        if model.dtype == torch.float32 and same != 1.0:
-                            raise AssertionError(f"kvlab and Hugging Face generated different tokens at B={B}, T={T}")
+                        if model.dtype == torch.float32 and same != 1.0 and model.device.type == "cpu":
+                            raise AssertionError(f"{name} and kvlab generated different tokens at B={B}, T={T}")
     c = model.config
     return {
         "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "model": c.to_dict(), "parameters": model.num_params(),
-        "cpu_fast_path": model.cpu_fast_path,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "results": results,
     }
 
@@ -344,14 +404,14 @@ def main(argv: list[str] | None = None) -> int:
 run (--warmup untimed runs, then --repeats timed ones; medians with min and max are reported).
 
 examples:
-  python -m kvlab.bench --batch-sizes 1,8 --hf                      kvlab vs Hugging Face, same weights
+  python -m kvlab.bench --batch-sizes 1,8 --hf --cache on           kvlab vs Hugging Face (both its caches), same weights
   python -m kvlab.bench --prompt-lens 32,128,512 --new-tokens 32 --cache on
                                                                     time to first token vs prompt length
   python -m kvlab.bench --new-tokens 1024 --max-seq-len 1056 --cache on
                                                                     a 1024-token per-token trace
   python -m kvlab.bench --dtype bfloat16 --hf                       the 16-bit path
-  python -m kvlab.bench --no-cpu-fast-path                          plain nn.Linear on a CPU
-  python -m kvlab.bench --device cuda --batch-sizes 1,8,32          on a GPU
+  python -m kvlab.bench --device cuda --hf --compile --cache on --batch-sizes 1,8
+                                                                    on a GPU, with the compiled (CUDA graph) step
 chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     parser.add_argument("--model", default="gpt2", help="a GPTConfig preset (default: gpt2, the 124M shape)")
     parser.add_argument("--max-seq-len", type=int, default=None,
@@ -365,13 +425,14 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     parser.add_argument("--hf", action="store_true",
-                        help="also time Hugging Face generate on the same weights (GPT-2 shapes; needs transformers)")
+                        help="also time Hugging Face generate on the same weights, with its default (dynamic) cache "
+                             "and with cache_implementation='static', both eager (GPT-2 shapes; needs transformers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time kvlab.generate(..., compile=True): the decode step through torch.compile, "
+                             "with CUDA graphs on a GPU (the warm-up runs pay for compiling)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--no-cpu-fast-path", action="store_true",
-                        help="run kvlab's linear layers as plain nn.Linear (PyTorch's default CPU kernel, (out, in) "
-                             "weights) instead of its CPU inference fast path, to measure what the path gains")
     parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
     parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
     # Chapter 9 (serving): a separate set of measurements, see run_serving.
@@ -414,7 +475,7 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = GPT(config).to(device=device, dtype=dtype).eval().set_cpu_fast_path(not args.no_cpu_fast_path)
+    model = GPT(config).to(device=device, dtype=dtype).eval()
     if args.serving:
         return run_serving(model, args, argv)
     if args.speedup_table:
@@ -432,11 +493,14 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
         hf_model.to(device=device, dtype=dtype)
     use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
     result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
-                   use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model)
+                   use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model,
+                   compile=args.compile)
     if hf_model is not None:
         import transformers
 
         result["transformers"] = transformers.__version__
+    result["read_bandwidth_bytes_s"] = read_bandwidth(device)
+    result["decode_weight_bytes"] = decode_weight_bytes(model)
     result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

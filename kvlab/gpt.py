@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from .attention import attention_mask
 from .cache import KVCache
 from .layers import Block, make_norm, rope_cos_sin
-from .linear import Linear, onednn_linear_available
 
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
@@ -113,12 +112,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# The CPU fast path (GPT.set_cpu_fast_path) applies to weight matrices of at least this many
-# numbers: on the course's benchmark CPU oneDNN beat the default kernel from about 512 x 1536
-# for one token at a time, and lost below it to its fixed cost per call.
-FAST_PATH_MIN_WEIGHT_ELEMENTS = 2**19
-
-
 class GPT(nn.Module):
     """A decoder-only transformer language model: token ids (B, T) -> next-token logits (B, T, V).
 
@@ -130,7 +123,6 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = c = config
-        self._fast_path_allowed = True  # see set_cpu_fast_path
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.pos == "learned" else None
         self.drop = nn.Dropout(c.dropout)
@@ -140,7 +132,7 @@ class GPT(nn.Module):
             for _ in range(c.n_layers)
         )
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -149,68 +141,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
-
-    # -- the CPU inference fast path ---------------------------------------------------------
-
-    def train(self, mode: bool = True) -> "GPT":
-        super().train(mode)
-        self._arrange_weights()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)  # .to(), .float(), .cuda(), ... then decide again
-        self._arrange_weights()
-        return self
-
-    def set_cpu_fast_path(self, enabled: bool = True) -> "GPT":
-        """Allow (the default) or forbid the CPU inference fast path; returns the model.
-
-        The fast path is on when the model is in eval mode, on an x86 CPU with oneDNN (see
-        `kvlab.linear.onednn_linear_available`), in float32, and allowed.
-        Every large `Linear` weight (`FAST_PATH_MIN_WEIGHT_ELEMENTS` numbers or more) is then
-        stored input-major and multiplied with oneDNN's kernel (`kvlab.linear`); the values,
-        shapes and state dict do not change. Chapter 5 measures
-        the path against plain `nn.Linear` (MKL, (out, in) rows): turn it off to do the same.
-        """
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self._fast_path_allowed = enabled
-        self._arrange_weights()
-        return self
-
-    @property
-    def cpu_fast_path(self) -> bool:
-        """True when the CPU inference fast path is active (see `set_cpu_fast_path`)."""
-        return (self._fast_path_allowed and not self.training and self.device.type == "cpu"
-                and self.dtype == torch.float32 and onednn_linear_available())
-
-    @torch.no_grad()
-    def _arrange_weights(self) -> None:
-        """Store and multiply each weight matrix the way this mode runs fastest: same values, same shapes.
-
-        A decode step multiplies one row of activations per sequence by every weight matrix, so
-        its speed is how fast the weights stream from memory. In float32 on a CPU, a matrix
-        stored input-major, (in, out) in memory, streams faster for that than nn.Linear's
-        (out, in) rows, and oneDNN's kernel is faster than the BLAS one PyTorch calls by default
-        (chapter 5 measures both). So with the fast path on, each large Linear weight becomes a
-        transposed view of an (in, out) buffer and its layer computes with oneDNN; otherwise (in
-        training, on a GPU, in bfloat16, or when forbidden) weights are contiguous as usual.
-        Switching copies every matrix once; tied weights are shared, so moved once.
-        """
-        fast = self.cpu_fast_path
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight
-                # oneDNN costs about 15 us more per call than the default kernel, which only
-                # large matrices earn back; a small one stays as nn.Linear has it (chapter 5).
-                input_major = fast and w.numel() >= FAST_PATH_MIN_WEIGHT_ELEMENTS
-                is_input_major = w.dim() == 2 and w.stride() == (1, w.size(0))
-                if input_major and not is_input_major:
-                    w.data = w.data.t().contiguous().t()
-                elif not input_major and not w.is_contiguous():
-                    w.data = w.data.contiguous()
-                if isinstance(module, Linear):
-                    module.onednn = input_major
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

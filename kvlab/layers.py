@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import SelfAttention
-from .linear import Linear
 
 __all__ = ["RMSNorm", "make_norm", "GELUMLP", "SwiGLUMLP", "make_mlp", "rope_cos_sin", "sinusoidal_positions", "Block"]
 
@@ -53,8 +52,8 @@ class GELUMLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = True, dropout: float = 0.0, approximate: str = "tanh"):
         super().__init__()
-        self.fc = Linear(d_model, d_ff, bias=bias)
-        self.proj = Linear(d_ff, d_model, bias=bias)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.approximate = approximate
         self.drop = nn.Dropout(dropout)
 
@@ -72,8 +71,8 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.gate_up = Linear(d_model, 2 * d_ff, bias=bias)
-        self.proj = Linear(d_ff, d_model, bias=bias)
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

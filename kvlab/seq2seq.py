@@ -32,7 +32,6 @@ from .cache import KVCache
 from .data import Seq2SeqVocab, seq2seq_batch
 from .gpt import check_shape_fields
 from .layers import Block, make_mlp, make_norm, sinusoidal_positions
-from .linear import Linear
 
 __all__ = [
     "Seq2SeqConfig",
@@ -209,7 +208,7 @@ class Seq2SeqTransformer(nn.Module):
         self.enc_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.n_layers))
         self.dec_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
-        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         for m in self.modules():

@@ -114,7 +114,7 @@ def speedup_table(model, lengths: Sequence[int] = DEFAULT_LENGTHS, *, prompt_len
         "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "model": c.to_dict(), "parameters": model.num_params(),
-        "cpu_fast_path": model.cpu_fast_path, "batch_size": batch_size, "prompt_len": prompt_len,
+        "batch_size": batch_size, "prompt_len": prompt_len,
         "repeats": repeats, "decoding": "greedy", "clock": clock, "rows": rows, "summary": summary,
     }
 

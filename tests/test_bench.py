@@ -21,17 +21,43 @@ def test_timed_loop_generates_the_same_tokens(use_cache):
     assert timing.peak_memory_bytes == (kvlab.kv_cache_bytes(2, 4, 8, 25, 2) if use_cache else 0)
 
 
-def test_hf_timing_matches_tokens_and_counts_steps():
+def hf_twin(model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = make_model("gpt2")
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=320, n_embd=32, n_layer=2, n_head=4,
                                     bos_token_id=0, eos_token_id=0)).eval()
     hf.load_state_dict(kvlab.to_hf_gpt2_state_dict(model), strict=False)
+    return hf
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_hf_timing_matches_tokens_and_counts_steps(cache_implementation):
+    model = make_model("gpt2")
+    hf = hf_twin(model)
     idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
-    timing, tokens = time_hf_generation(hf, idx, 12)
+    timing, tokens = time_hf_generation(hf, idx, 12, cache_implementation=cache_implementation)
     assert len(timing.step_times) == 11
+    assert timing.backend == ("hf" if cache_implementation is None else "hf-static")
     assert torch.equal(tokens, kvlab.generate(model, idx, 12, temperature=0))
+
+
+def test_sweep_runs_both_hf_caches_and_checks_their_tokens():
+    model = make_model("gpt2")
+    result = sweep(model, batch_sizes=(2,), prompt_lens=(4,), new_tokens=(6,), use_cache=(True, False), repeats=1,
+                   warmup=0, hf_model=hf_twin(model), progress=lambda *_: None)
+    rows = [(r["backend"], r["use_cache"]) for r in result["results"]]
+    assert rows == [("kvlab", True), ("hf", True), ("hf-static", True), ("kvlab", False), ("hf", False)]
+    assert all(r["tokens_equal_to_kvlab"] == 1.0 for r in result["results"] if r["backend"] != "kvlab")
+    assert result["gpu"] is None and result["device"].startswith("cpu")
+
+
+def test_bandwidth_and_decode_bytes():
+    model = make_model("gpt2")  # tied embeddings: the output layer is the token table, counted once
+    c = model.config
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    expected = (c.n_layers * per_block + 2 * c.d_model + c.vocab_size * c.d_model) * 4
+    assert kvlab.bench.decode_weight_bytes(model) == expected
+    assert kvlab.bench.read_bandwidth(mib=8, repeats=2) > 1e8  # any machine reads 100 MB/s
 
 
 def test_sweep_and_summary_shapes():
@@ -63,6 +89,7 @@ def test_cli_writes_json_and_plot(tmp_path):
                  "--out", str(out), "--plot", str(plot)]) == 0
     data = json.loads(out.read_text())
     assert {r["use_cache"] for r in data["results"]} == {True, False}
+    assert data["read_bandwidth_bytes_s"] > 0 and data["decode_weight_bytes"] > 0 and "gpu" in data
     assert plot.stat().st_size > 1000
 
 

@@ -125,3 +125,14 @@ def test_stats_are_filled_and_checked(model, prompt):
     assert stats["total_s"] >= stats["prefill_s"] + stats["decode_s"] - 1e-6 and stats["prefill_s"] > 0
     with pytest.raises(TypeError, match="stats"):
         kvlab.generate(model, prompt, 3, stats=[])
+
+
+def test_compile_argument_checks():
+    model = make_model("gpt2")  # compile=True: checked before anything compiles
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="use_cache"):
+        kvlab.generate(model, idx, 4, use_cache=False, compile=True)
+    with pytest.raises(ValueError, match="kind"):
+        kvlab.generate(model, idx, 4, cache=model.new_cache(1, kind="dynamic"), compile=True)
+    with pytest.raises(TypeError, match="compile"):
+        kvlab.generate(model, idx, 4, compile="yes")

@@ -9,7 +9,8 @@ Generation is a handful of small functions:
     prefill          run the prompt once, filling the cache; logits of the last position
     decode_step      feed one token at the next position, reading and extending the cache
     generate         validate everything, then prefill + decode steps (or the naive loop)
-Built in chapter 4.
+Built in chapter 4; `generate(..., compile=True)` (chapter 5) runs the decode steps through the
+fixed-shape step of `kvlab.compiled`, compiled by `torch.compile`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..cache import KVCache
+from ..compiled import COMPILABLE_CACHE_KINDS, advance, compiled_decode_step, prepare_cache
 from ..device import synchronize
 from ..gpt import GPT
 from ..sampling import check_sampling_args, logits_to_probs, sample
@@ -72,7 +74,7 @@ def decode_step(model: GPT, token: Tensor, cache: KVCache) -> Tensor:
 
 
 def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                         generator, eos_id, cache) -> int:
+                         generator, eos_id, cache, compile=False) -> int:
     """Every argument of `generate`, checked before any work. Returns the prompt length."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
@@ -95,6 +97,14 @@ def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top
             raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
         if cache.batch_size != idx.size(0):
             raise ValueError(f"cache was made for batch_size={cache.batch_size}, the prompt has {idx.size(0)} rows")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    if compile:
+        if not use_cache:
+            raise ValueError("compile=True compiles the cached decode step; it needs use_cache=True")
+        if cache is not None and cache.kind not in COMPILABLE_CACHE_KINDS:
+            raise ValueError(f"compile=True needs a cache of kind {COMPILABLE_CACHE_KINDS} (fixed shapes), "
+                             f"got kind={cache.kind!r}")
     B, T = idx.shape
     total = T + max_new_tokens
     window = cache.window if cache is not None and cache.kind == "sliding" else model.config.window
@@ -123,6 +133,7 @@ def generate(
     eos_id: int | None = None,
     cache: KVCache | None = None,
     stats: dict | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Continue the prompts `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
 
@@ -132,10 +143,12 @@ def generate(
     A `cache` you pass (e.g. `model.new_cache(B, kind="sliding", window=64)`) is reset first;
     by default a static cache just large enough is made. Pass a dict as `stats` to have it
     filled with timings (prefill_s, decode_s, total_s, new_tokens), measured between device
-    synchronisations. Built in chapter 4.
+    synchronisations. `compile=True` runs each decode step through `torch.compile` (CUDA graphs
+    on a GPU; see `kvlab.compiled`): the same tokens, with a static or sliding cache only, and
+    the first call for a new shape pays for compiling. Built in chapter 4 (`compile` in chapter 5).
     """
     T = _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                             generator, eos_id, cache)
+                             generator, eos_id, cache, compile)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     max_new_tokens = int(max_new_tokens)
@@ -159,6 +172,9 @@ def generate(
                 cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
         cache.reset()
         logits = prefill(model, idx, cache)
+        if compile:
+            prepare_cache(cache)
+            input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
     else:
         logits = model._forward(idx, None, 0, last_only=True)[:, -1]
     if stats is not None:
@@ -174,7 +190,11 @@ def generate(
         out[:, T + n - 1] = token[:, 0]
         if n == max_new_tokens or (finished is not None and bool(finished.all())):
             break
-        if use_cache:
+        if compile:
+            logits = compiled_decode_step(model, token, input_pos, cache)
+            advance(cache, T + n)
+            input_pos += 1
+        elif use_cache:
             logits = decode_step(model, token, cache)
         else:
             logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
