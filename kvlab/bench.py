@@ -530,6 +530,8 @@ def run_serving(model: GPT, args, argv: list[str] | None = None) -> int:
     if args.plot:
         plot_serving(result).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"wrote {args.plot}")
+    return 0
+
 
 # -- chapter 10: beam search, speculative decoding, the int8 cache ------------------------------------
 
