@@ -66,28 +66,18 @@ if [ $tiny -eq 0 ] && ! grep -q "available True" "$out/env.txt"; then
 fi
 device=cuda; [ $tiny -eq 1 ] && device=$("$PY" -c "import kvlab; print(kvlab.pick_device().type)")
 
-# -- 1. unit tests -----------------------------------------------------------------------------
-jobs=()
-if has xdist && [ $tiny -eq 0 ]; then jobs=(-n 8); fi
-if [ $tiny -eq 1 ]; then
-  step "unit tests (tiny: compile and bench only)" "$out/unit_tests.log" \
-    env MPLBACKEND=Agg "$PY" -m pytest -x -q -p no:cacheprovider tests/test_compiled.py tests/test_bench.py
-else
-  step "unit tests" "$out/unit_tests.log" \
-    env MPLBACKEND=Agg OMP_NUM_THREADS=2 "$PY" -m pytest -x -q -p no:cacheprovider "${jobs[@]}" tests --ignore=tests/browser
-fi
-
-# -- 2. the CUDA benchmark records (chapter 5) -------------------------------------------------
+# -- 1. the CUDA benchmark records (chapter 5): first, since only a GPU can give them ----------
 # GPT-2's 124M shape, float32, greedy, 32-token prompt, 128 new tokens: kvlab eager, kvlab with
 # compile=True (CUDA graphs), Hugging Face generate eager with its default and its static cache.
-bench() { local name=$1; shift; step "bench $name" "$out/bench_$name.log" "$PY" -m kvlab.bench --device "$device" "$@" --out "$out/bench/$name.json"; }
+# Each step has a time limit (seconds), so one slow step cannot take the others' time.
+bench() { local name=$1 limit=$2; shift 2; step "bench $name" "$out/bench_$name.log" timeout "$limit" "$PY" -m kvlab.bench --device "$device" "$@" --out "$out/bench/$name.json"; }
 if [ $tiny -eq 1 ]; then
-  bench tiny_vs_hf --model tiny --hf --compile --cache on --batch-sizes 1,2 --new-tokens 8 --repeats 1 --warmup 1
+  bench tiny_vs_hf 300 --model tiny --hf --compile --cache on --batch-sizes 1,2 --new-tokens 8 --repeats 1 --warmup 1
 else
-  bench cuda_fp32_vs_hf --hf --compile --cache on --batch-sizes 1,8 --repeats 5 --warmup 2
+  bench cuda_fp32_vs_hf 170 --hf --compile --cache on --batch-sizes 1,8 --repeats 3 --warmup 1
   # A tiny model's cache saves nothing on a GPU (launch-bound); the GPT-2 shape's, at 1024 tokens, does.
-  bench cuda_tiny_cache_vs_none --model tiny --max-seq-len 512 --new-tokens 256 --cache both --repeats 3
-  bench cuda_long --new-tokens 1024 --max-seq-len 1056 --cache both --repeats 1 --warmup 1
+  bench cuda_tiny_cache_vs_none 40 --model tiny --max-seq-len 512 --new-tokens 256 --cache both --repeats 3
+  bench cuda_long 60 --new-tokens 1024 --max-seq-len 1056 --cache both --repeats 1 --warmup 1
   "$PY" - "$out/bench/cuda_fp32_vs_hf.json" <<'EOF' | tee -a "$summary"
 import json, sys
 record = json.load(open(sys.argv[1]))
@@ -100,13 +90,27 @@ for B in sorted({b for _, b in tput}):
 EOF
 fi
 
+# -- 2. unit tests -----------------------------------------------------------------------------
+# Not here: the Colab install test (it needs the package index) and the top-to-bottom chapter runs
+# (step 3 runs every notebook).
+jobs=()
+if has xdist && [ $tiny -eq 0 ]; then jobs=(-n 8); fi
+if [ $tiny -eq 1 ]; then
+  step "unit tests (tiny: compile and bench only)" "$out/unit_tests.log" \
+    env MPLBACKEND=Agg "$PY" -m pytest -x -q -p no:cacheprovider tests/test_compiled.py tests/test_bench.py
+else
+  step "unit tests" "$out/unit_tests.log" \
+    timeout 120 env MPLBACKEND=Agg OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider "${jobs[@]}" tests --ignore=tests/browser \
+      -k "not colab_install and not top_to_bottom"
+fi
+
 # -- 3. every notebook, device = the GPU -------------------------------------------------------
 notebooks=(notebooks/*.ipynb)
 [ $tiny -eq 1 ] && notebooks=(notebooks/03_gpt_decoder.ipynb)
 if has nbval && has ipykernel; then
   nbjobs=()
-  if has xdist && [ $tiny -eq 0 ]; then nbjobs=(-n 4 --dist loadfile); fi
-  step "notebooks (nbval)" "$out/notebooks.log" env OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider \
+  if has xdist && [ $tiny -eq 0 ]; then nbjobs=(-n 8 --dist loadfile); fi
+  step "notebooks (nbval)" "$out/notebooks.log" timeout 170 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider \
     --nbval-lax --nbval-current-env --nbval-cell-timeout=300 "${nbjobs[@]}" "${notebooks[@]}"
 else
   note "NOTE  nbval/ipykernel not importable by $PY: running the notebooks' code cells in plain Python instead"
