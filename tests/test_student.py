@@ -1,7 +1,11 @@
-"""The exercise convention, the student edition and the bulk grader: on a small synthetic
-chapter, and on every real chapter run top to bottom as a learner would run it."""
+"""The exercise convention, the student edition and the bulk grader, on a small synthetic chapter
+and on every real one; and the plugin (notebooks/conftest.py) with which nbval's run of every
+chapter checks that no solution stands in for the learner."""
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -9,10 +13,11 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from kvlab.checks import is_not_done_line
-from kvlab.student import (build_student_edition, execute_notebook, exercises_in, grade_executed, grade_notebook,
+from kvlab.student import (build_student_edition, exercises_in, grade_notebook,
                            is_solution_cell, student_notebook)
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 CHECKS_CELL = '''\
 from kvlab.checks import learner_check, passed
@@ -147,31 +152,58 @@ def test_each_chapter_follows_the_exercise_convention(path):
         assert _used(cell.source) & learner_names, f"{path.name}: a check cell must check the learner's name"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_each_chapter_run_top_to_bottom_leaves_every_exercise_to_the_learner(path, tmp_path):
-    """The chapter exactly as learners open it, run top to bottom with every stub unfilled: each
-    learner check prints "not done" (never a pass), each solution's own check passes, and at the
-    end every learner name still holds the learner's stub (the checks, run again, say "not done")."""
-    nb = nbformat.read(path, as_version=4)
-    check_sources = [c.source for c in nb.cells if c.cell_type == "code" and "exercise-check" in _tags(c)]
-    audit = tagged("\n".join(check_sources), "exercise-check")
-    nb.cells.append(new_markdown_cell("```{exercise} audit\n:label: ex-audit\n```"))
-    nb.cells.append(audit)
-    nbformat.write(nb, tmp_path / path.name)
-    executed = execute_notebook(tmp_path / path.name, cwd=path.parent)
-    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(executed.cells)
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors, f"cells that raised: {errors}"
-    grade = grade_executed(executed, path.name)
-    wrong = {label: r for label, r in grade.results.items() if not r.startswith("fail: not done")}
-    assert not wrong, f"learner checks that did not say 'not done': {wrong}"
-    audit_lines = [line for line in _stream(executed.cells[-1]).splitlines() if is_not_done_line(line)]
-    n_checks = sum(s.count("checks.check_") for s in check_sources)
-    assert len(audit_lines) >= len(check_sources) and n_checks, "run again at the end, every check says 'not done'"
-    for cell in executed.cells:
-        if cell.cell_type == "code" and "solution" in _tags(cell):
-            assert "all checks passed" in _stream(cell), f"a solution's own check did not pass:\n{cell.source[:300]}"
+def _nbval(folder: Path) -> subprocess.CompletedProcess:
+    """Run nbval (with the chapters' conftest.py, the learner's-view plugin) on `folder`."""
+    for path in folder.glob("*.ipynb"):  # stored without outputs, as the chapters are
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nbformat.write(nb, path)
+    shutil.copy(ROOT / "notebooks" / "conftest.py", folder / "conftest.py")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", str(folder)], cwd=folder, capture_output=True, text=True,
+                          timeout=300)
 
 
-def _stream(cell) -> str:
-    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+def test_the_chapters_nbval_run_checks_the_learners_view(tmp_path):
+    """`make test-notebooks` runs every chapter top to bottom as learners get it, stubs unfilled
+    (nbval), and notebooks/conftest.py fails that run when a learner check reports a pass or no
+    "not done", when a solution's own check does not pass, or when the learner checks, run again
+    after the last cell, do not all say "not done". A chapter that follows the convention passes;
+    the three ways a solution can stand in for the learner each fail."""
+    good = tmp_path / "good"
+    good.mkdir()
+    nbformat.write(chapter(), good / "ch.ipynb")
+    result = _nbval(good)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "learner checks, run again after the last cell" in _nbval_items(good)
+
+    def broken(name, edit):
+        folder = tmp_path / name
+        folder.mkdir()
+        nb = chapter()
+        edit(nb)
+        nbformat.write(nb, folder / "ch.ipynb")
+        return _nbval(folder)
+
+    def solution_takes_the_learners_name(nb):
+        nb.cells[5].source = nb.cells[5].source.replace("solution_double", "my_double")
+
+    def later_cell_rebinds_it(nb):
+        nb.cells.append(new_code_cell("def my_double(x):\n    return 2 * x"))
+
+    def solution_that_fails(nb):
+        nb.cells[5].source = nb.cells[5].source.replace("return 2 * x", "return 3 * x")
+
+    for name, edit, says in [("rebound", solution_takes_the_learners_name, "stands in for the learner"),
+                             ("late", later_cell_rebinds_it, "stands in for the learner"),
+                             ("failing", solution_that_fails, "AssertionError")]:
+        result = broken(name, edit)
+        assert result.returncode != 0 and says in result.stdout, (name, result.stdout[-3000:])
+
+
+def _nbval_items(folder: Path) -> str:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", "--collect-only", str(folder)], cwd=folder,
+                          capture_output=True, text=True, timeout=120).stdout
