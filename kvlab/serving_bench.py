@@ -232,7 +232,7 @@ def plot_serving(result: dict):
     ax_engine.set_title(f"{e['n_requests']} mixed requests, {e['max_batch_size']} at once")
     ax_engine.tick_params(axis="x", labelsize=8)
     p = result["prefix"]
-    names = ["static\nreserved/used", "paged\nreserved/used", "prompt KV\nshared/unshared"]
+    names = ["static\nreserved/used", "paged\nreserved/used", "prompt KV\nshared ÷ unshared"]
     values = [e["static"]["reserved_over_used"], e["paged"]["reserved_over_used"], p["prefix_ratio"]]
     ax_bytes.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868"])
     ax_bytes.axhline(1.0, color="black", lw=0.8)
