@@ -124,12 +124,16 @@ $(ASSETS_STAMP): $(NPM_STAMP)
 	  $(VENDOR)/html-manager/
 	@touch $@
 
+# Every chapter is executed on every build: scripts/execute_notebooks.py runs them side by side
+# (one per core) into a fresh jupyter-cache, which the build reads (execute_notebooks: cache
+# in _config.yml). BOOK_JOBS=1 runs them one at a time.
 # --all: a full rebuild every time, so a warning in an unchanged page is reported again
-# instead of being hidden by Sphinx's incremental build. Notebooks are executed on every
-# build anyway (execute_notebooks: force in _config.yml).
+# instead of being hidden by Sphinx's incremental build.
 # -W -n --keep-going: every warning and missing reference is reported, then the build
 # exits non-zero.
+BOOK_JOBS ?=
 book: setup assets
+	$(PY) scripts/execute_notebooks.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS)) notebooks/*.ipynb
 	$(JB) build . --all -W -n --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
