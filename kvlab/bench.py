@@ -382,16 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot)."""
     import argparse
 
+    from ._cli import positive_ints as ints
     from .device import pick_device
-
-    def ints(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-        return values
 
     parser = argparse.ArgumentParser(
         prog="python -m kvlab.bench",

@@ -20,23 +20,7 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def positive_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
-    def non_negative_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-        return value
+    from ._cli import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m kvlab.dashboard", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -591,23 +591,7 @@ def build_parser():
     """The command line of `python -m kvlab.train`."""
     import argparse
 
-    def positive_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
-    def positive_float(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
+    from ._cli import positive_float, positive_int
 
     def dropout(text: str) -> float:
         value = float(text)
@@ -622,7 +606,7 @@ def build_parser():
                     "torchrun for data-parallel training.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""presets:
-  shakespeare-char   6 x 192, 6 heads, context 192, characters (the chapter's full run)
+  shakespeare-char   6 x 192, 6 heads, context 192, characters (a deeper, narrower variant for a GPU)
   shakespeare-cpu    4 x 256, RoPE + sliding window, characters (the shipped data/shakespeare model)
   shakespeare-bpe-cpu  the same model on BPE with 1024 tokens (the shipped data/shakespeare_bpe model)
   quick              2 x 64, characters (about a minute on a CPU)
@@ -775,8 +759,10 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "char":  # one token per character: nats per token are nats per character
             losses = {"train_nats_per_char": round(train_loss, 4), "val_nats_per_char": round(val_loss, 4)}
         else:
+            train_chars = len(tokenizer.decode(train_ids[: len(val_ids)].tolist()))
             losses = {"train_nats_per_token": round(train_loss, 4), "val_nats_per_token": round(val_loss, 4),
-                      # the same loss spread over the characters (comparable with a character model)
+                      # the same losses spread over the characters (comparable with a character model)
+                      "train_nats_per_char_approx": round(train_loss * len(val_ids) / train_chars, 4),
                       "val_nats_per_char_approx": round(val_loss * len(val_ids) / len(val_text), 4)}
         record = {
             "preset": args.preset, "tokenizer": kind, "vocab_size": tokenizer.vocab_size,

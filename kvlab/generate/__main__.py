@@ -21,19 +21,7 @@ from pathlib import Path
 
 import torch
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+from .._cli import non_negative_int, positive_int
 
 
 def _fraction(low_open: bool):
@@ -59,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--model", default="shakespeare",
                         help="shakespeare, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or an exported model folder")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate (default 200)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=_non_negative_int, default=None, help="keep the k most likely (0 = off)")
+    parser.add_argument("--top-k", type=non_negative_int, default=None, help="keep the k most likely (0 = off)")
     parser.add_argument("--top-p", type=_fraction(True), default=None, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--min-p", type=_fraction(False), default=None, help="min-p threshold (0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU sampling generator (default 0)")
