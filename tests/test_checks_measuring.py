@@ -1,10 +1,12 @@
 """The chapter 5 checks pass right answers and catch the stub and plausible wrong answers."""
 
+import math
 import time
 
 import pytest
 import torch
 
+import kvlab
 from kvlab.checks import measuring as checks
 
 
@@ -150,54 +152,132 @@ def test_decode_bytes_catches_wrong_answers(wrong, match):
         checks.check_decode_bytes(wrong)
 
 
-# -- my_kl_divergence -------------------------------------------------------------------------
+# -- my_compute_bound_batch ------------------------------------------------------------------
 
-def kl(logits_ref, logits_other):
-    log_p = torch.log_softmax(logits_ref.float(), dim=-1)
-    log_q = torch.log_softmax(logits_other.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+def weights_and_cache(model, context_len):
+    c = model.config
+    P = sum(p.numel() for p in model.blocks.parameters()) + sum(p.numel() for p in model.norm_f.parameters())
+    P += model.lm_head.weight.numel()
+    return P, c.n_layers * 2 * c.n_kv_heads * c.head_dim * context_len, model.tok_emb.weight.element_size()
 
 
-def kl_stub(logits_ref, logits_other):
+def compute_bound_batch(model, context_len, flops_per_s, bytes_per_s):
+    P, C, b = weights_and_cache(model, context_len)
+    g = model.config.n_heads // model.config.n_kv_heads
+    # B * 2 (P + g C) / F = (P + B C) b / bw
+    divisor = 2 * (P + g * C) / flops_per_s - C * b / bytes_per_s
+    return P * b / bytes_per_s / divisor if divisor > 0 else math.inf
+
+
+def compute_bound_batch_stub(model, context_len, flops_per_s, bytes_per_s):
     raise NotImplementedError  # your code here
 
 
-def kl_naive(logits_ref, logits_other):
-    p = torch.softmax(logits_ref.float(), dim=-1)
-    q = torch.softmax(logits_other.float(), dim=-1)
-    return (p * (p.log() - q.log())).sum(-1).mean()
+def compute_bound_one_flop(model, context_len, flops_per_s, bytes_per_s):
+    return 2 * compute_bound_batch(model, context_len, flops_per_s, bytes_per_s)
 
 
-def kl_reversed(logits_ref, logits_other):
-    return kl(logits_other, logits_ref)
+def compute_bound_no_cache(model, context_len, flops_per_s, bytes_per_s):
+    return compute_bound_batch(model, 0, flops_per_s, bytes_per_s)
 
 
-def kl_summed(logits_ref, logits_other):
-    return kl(logits_ref, logits_other) * logits_ref.shape[:-1].numel()
+def compute_bound_shared_cache(model, context_len, flops_per_s, bytes_per_s):
+    P, C, b = weights_and_cache(model, context_len)
+    g = model.config.n_heads // model.config.n_kv_heads
+    return (P + C) * b / bytes_per_s / (2 * (P + g * C) / flops_per_s)
 
 
-def kl_per_position(logits_ref, logits_other):
-    log_p = torch.log_softmax(logits_ref.float(), dim=-1)
-    log_q = torch.log_softmax(logits_other.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def compute_bound_no_groups(model, context_len, flops_per_s, bytes_per_s):
+    P, C, b = weights_and_cache(model, context_len)
+    divisor = 2 * (P + C) / flops_per_s - C * b / bytes_per_s
+    return P * b / bytes_per_s / divisor if divisor > 0 else math.inf
 
 
-def test_kl_passes_on_a_correct_answer(capsys):
-    checks.check_kl_divergence(kl)
-    checks.check_kl_divergence(lambda a, b: float(kl(a, b)))
-    assert "passed" in capsys.readouterr().out
+def compute_bound_never_inf(model, context_len, flops_per_s, bytes_per_s):
+    P, C, b = weights_and_cache(model, context_len)
+    g = model.config.n_heads // model.config.n_kv_heads
+    return P * b / bytes_per_s / (2 * (P + g * C) / flops_per_s - C * b / bytes_per_s)
 
 
-def test_kl_fails_on_the_stub(assert_not_done):
-    assert_not_done(lambda: checks.check_kl_divergence(kl_stub))
+def compute_bound_fp32_bytes(model, context_len, flops_per_s, bytes_per_s):
+    P, C, b = weights_and_cache(model, context_len)
+    g = model.config.n_heads // model.config.n_kv_heads
+    divisor = 2 * (P + g * C) / flops_per_s - C * 4 / bytes_per_s
+    return P * 4 / bytes_per_s / divisor if divisor > 0 else math.inf
+
+
+def test_compute_bound_batch_passes_on_a_correct_answer(capsys):
+    checks.check_compute_bound_batch(compute_bound_batch)
+    assert "my_compute_bound_batch: all checks passed" in capsys.readouterr().out
+
+
+def test_compute_bound_batch_fails_on_the_stub(assert_not_done):
+    assert_not_done(lambda: checks.check_compute_bound_batch(compute_bound_batch_stub))
 
 
 @pytest.mark.parametrize("wrong, match", [
-    (kl_naive, "log_softmax"),
-    (kl_reversed, r"KL\(q \|\| p\)"),
-    (kl_summed, "Average over the positions"),
-    (kl_per_position, "one number"),
+    (compute_bound_one_flop, "two floating-point operations"),
+    (compute_bound_no_cache, "never becomes compute-bound|own cache"),
+    (compute_bound_shared_cache, "never becomes compute-bound|own cache"),
+    (compute_bound_no_groups, "query heads"),
+    (compute_bound_never_inf, "never becomes compute-bound|positive"),
+    (compute_bound_fp32_bytes, "bytes per number"),
 ])
-def test_kl_catches_wrong_answers(wrong, match):
+def test_compute_bound_batch_catches_wrong_answers(wrong, match):
     with pytest.raises(AssertionError, match=match):
-        checks.check_kl_divergence(wrong)
+        checks.check_compute_bound_batch(wrong)
+
+
+def test_compute_bound_batch_at_an_empty_cache_depends_on_the_machine_only():
+    # P cancels: the batch at which the weights' arithmetic catches up with reading them is F·b / (2·bw).
+    model = checks._meta_model(vocab_size=50257, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12)
+    assert math.isclose(checks.compute_bound_batch(model, 0, 1e12, 1e11), 1e12 * 4 / (2 * 1e11))
+
+
+# -- my_bf16_step_ratio -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    torch.manual_seed(0)
+    return kvlab.GPT(kvlab.GPTConfig(vocab_size=512, max_seq_len=64, d_model=128, n_layers=2, n_heads=4)).eval()
+
+
+def test_bf16_ratio_passes_on_a_live_measurement(bf16_model, capsys):
+    checks.check_bf16_step_ratio(checks.bf16_step_ratio(bf16_model), bf16_model)
+    assert "my_bf16_step_ratio: all checks passed" in capsys.readouterr().out
+
+
+def test_bf16_ratio_fails_on_the_stub(bf16_model, assert_not_done):
+    assert_not_done(lambda: checks.check_bf16_step_ratio(None, bf16_model))
+
+
+@pytest.mark.parametrize("ratio, match", [
+    (lambda live: 100 * live if live > 0.05 else 1000.0, "percentage|measured"),
+    (lambda live: 5 * live, "measured"),
+    (lambda live: live / 5, "measured"),
+    (lambda live: "0.8", "positive number"),
+    (lambda live: -live, "positive number"),
+])
+def test_bf16_ratio_catches_wrong_answers(bf16_model, monkeypatch, ratio, match):
+    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 0.9)  # a fixed "measurement": no timing noise
+    with pytest.raises(AssertionError, match=match):
+        checks.check_bf16_step_ratio(ratio(0.9), bf16_model)
+
+
+def test_bf16_ratio_names_the_catalogued_mistakes(bf16_model, monkeypatch):
+    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 2.0)  # bfloat16 emulated: slower
+    with pytest.raises(AssertionError, match="upside down"):
+        checks.check_bf16_step_ratio(0.5, bf16_model)
+    with pytest.raises(AssertionError, match="percentage"):
+        checks.check_bf16_step_ratio(200.0, bf16_model)
+    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 1.0)
+    with pytest.raises(AssertionError, match="what the bytes predict"):
+        checks.check_bf16_step_ratio(0.5, bf16_model)
+    checks.check_bf16_step_ratio(1.2, bf16_model)  # within 30%: passes
+
+
+def test_bf16_ratio_measures_again_before_failing(bf16_model, monkeypatch, capsys):
+    measured = iter([3.0, 1.0])  # one busy moment, then a normal run
+    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: next(measured))
+    checks.check_bf16_step_ratio(1.1, bf16_model)
+    assert "all checks passed" in capsys.readouterr().out
