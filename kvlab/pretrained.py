@@ -191,42 +191,57 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
 
 # -- the Shakespeare model the course trains and ships ------------------------------------------
 
-SHAKESPEARE_MODEL_DIR = "data/shakespeare"  # relative to the repository root
+# relative to the repository root: the character model, and the same model trained on BPE ids
+SHAKESPEARE_MODEL_DIRS = {"char": "data/shakespeare", "bpe": "data/shakespeare_bpe"}
+SHAKESPEARE_MODEL_DIR = SHAKESPEARE_MODEL_DIRS["char"]
 
 
-def shakespeare_model_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where the shipped Shakespeare model lives: `path`, `data/shakespeare` in a checkout, or, for
-    an installed kvlab (as on Colab), the copy inside the package (`kvlab.data.repo_file`)."""
+def _check_tokenizer_kind(tokenizer) -> str:
+    if not isinstance(tokenizer, str) or tokenizer not in SHAKESPEARE_MODEL_DIRS:
+        raise ValueError(f"tokenizer must be one of {sorted(SHAKESPEARE_MODEL_DIRS)} (which shipped Shakespeare "
+                         f"model), got {tokenizer!r}")
+    return tokenizer
+
+
+def shakespeare_model_dir(path: str | os.PathLike | None = None, *, tokenizer: str = "char") -> Path:
+    """Where a shipped Shakespeare model lives: `path`, `data/shakespeare` (`tokenizer="char"`) or
+    `data/shakespeare_bpe` (`tokenizer="bpe"`) in a checkout, or, for an installed kvlab (as on
+    Colab), the copy inside the package (`kvlab.data.repo_file`)."""
     from .data import checkout_root, repo_file
 
+    relative = SHAKESPEARE_MODEL_DIRS[_check_tokenizer_kind(tokenizer)]
     if path is not None:
         return Path(path)
     root = checkout_root()
     if root is not None:
-        return root / SHAKESPEARE_MODEL_DIR
+        return root / relative
     for name in ("model.safetensors", "config.json", "tokenizer.json", "record.json"):
-        folder = repo_file(f"{SHAKESPEARE_MODEL_DIR}/{name}").parent
+        folder = repo_file(f"{relative}/{name}").parent
     return folder
 
 
-def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.device | str | None = None):
-    """The small character-level GPT the course trained on Tiny Shakespeare, and its tokenizer.
+def load_shakespeare(path: str | os.PathLike | None = None, *, tokenizer: str = "char",
+                     device: torch.device | str | None = None):
+    """A small GPT the course trained on Tiny Shakespeare, and its tokenizer.
 
-    Returns `(model, tokenizer)`, the model in eval mode. Reads the files `python -m kvlab.train
-    --export` wrote (safetensors weights, config.json, tokenizer.json, record.json); the
-    record is on `model.record`. Works offline: the files ship in the repository's
-    `data/shakespeare`. Built in chapter 6.
+    `tokenizer="char"` (the default) is the character-level model every chapter samples from;
+    `tokenizer="bpe"` is the same shape trained on chapter 1's BPE with 1,024 ids (chapter 6
+    compares the two). Returns `(model, tokenizer)`, the model in eval mode. Reads the files
+    `python -m kvlab.train --export` wrote (safetensors weights, config.json, tokenizer.json,
+    record.json); the record is on `model.record`. Works offline: the files ship in the
+    repository's `data/shakespeare` and `data/shakespeare_bpe`. Built in chapter 6.
     """
     from .files import check_state_shapes, read_json, read_safetensors
     from .tokenizers import load_tokenizer
 
-    folder = shakespeare_model_dir(path)
+    folder = shakespeare_model_dir(path, tokenizer=tokenizer)
     needed = ["model.safetensors", "config.json", "tokenizer.json"]
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"the Shakespeare model is not at {folder} (missing {', '.join(missing)}); it ships in the course "
-            "repository's data/shakespeare: install kvlab from a clone (pip install -e .) or pass path=")
+            f"repository's {SHAKESPEARE_MODEL_DIRS[tokenizer]}: install kvlab from a clone (pip install -e .) or "
+            "pass path=")
     config_path = folder / "config.json"
     config = read_json(config_path, "model config (config.json)")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "tokenizer" not in config:
@@ -245,13 +260,13 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, device: torch.dev
     check_state_shapes(weights_path, state, expected, what="weights")
     record_path = folder / "record.json"
     record = read_json(record_path, "model record (record.json)") if record_path.is_file() else {}
-    tokenizer = load_tokenizer(config["tokenizer"], folder / "tokenizer.json")
-    if tokenizer.vocab_size != gpt_config.vocab_size:
-        raise ValueError(f"{folder / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but {config_path} says "
+    tok = load_tokenizer(config["tokenizer"], folder / "tokenizer.json")
+    if tok.vocab_size != gpt_config.vocab_size:
+        raise ValueError(f"{folder / 'tokenizer.json'} has {tok.vocab_size} tokens but {config_path} says "
                          f"vocab_size={gpt_config.vocab_size}")
     if gpt_config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True)
     model.record = record
     model.eval()
-    return (model.to(device) if device is not None else model), tokenizer
+    return (model.to(device) if device is not None else model), tok
