@@ -275,7 +275,7 @@ def cache_quality(model, val_ids: Tensor, prompts: list[Tensor], *, quantize: st
         entry = dict(agreement=float(same.float().mean()), first_difference=first,
                      agreement_along_float_text=float((logits.argmax(-1) == a[0, T:]).float().mean()))
         if first is not None:  # how close a call it was: the float model's top-2 logit gap there
-            float_logits = model(a[:, :T + first + 1], model.new_cache(1, **kind, **size))[0, -1]
+            float_logits = model(a[:, :T + first], model.new_cache(1, **kind, **size))[0, -1]  # predicts new token `first`
             top2 = float_logits.float().topk(2).values
             entry["top2_gap_at_first_difference"] = float(top2[0] - top2[1])
             entry["logit_change_at_first_difference"] = float((logits[first] - float_logits).abs().max())
