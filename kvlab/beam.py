@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["reorder_cache", "beam_search", "beam_step_seq2seq", "toy_beam_accuracy"]
 
 _NEG = -1.0e9  # the score of a beam that must not be chosen (finite, as Hugging Face's, so sums stay finite)
-_BATCHED = ("k", "v", "k_scale", "v_scale")  # per-row tensors of a layer cache; `pos` is shared by all rows
+_BATCHED = ("k", "v", "k_scale", "v_scale", "k_offset", "v_offset")  # per-row tensors of a layer cache; `pos` is shared by all rows
 
 
 def reorder_cache(cache: "KVCache | EncoderDecoderCache", index: Tensor) -> None:

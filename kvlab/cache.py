@@ -225,7 +225,7 @@ class KVCache:
     ) -> "KVCache":
         """Build a cache of the given kind; arguments are validated before anything is allocated.
 
-        `quantize="int8"` stores keys and values as int8 with a scale per token and head
+        `quantize="int8"` stores keys and values as int8 with a step and a minimum per group of channels
         (`kvlab.quantized`, chapter 10; static and sliding kinds only)."""
         if kind not in CACHE_KINDS:
             raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")

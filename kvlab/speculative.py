@@ -139,7 +139,7 @@ class NGramDraft:
 
 # -- rolling a cache back ------------------------------------------------------------------------
 
-_BATCHED = ("k", "v", "k_scale", "v_scale")
+_BATCHED = ("k", "v", "k_scale", "v_scale", "k_offset", "v_offset")  # int8 caches: numbers, steps, minimums
 
 
 def save_ring(cache: KVCache, start: int, T: int) -> list[dict] | None:

@@ -111,7 +111,7 @@ def test_acceptance_check_fails_wrong_answers(measured):
 
 
 def test_int8_bytes_check_passes_the_answer(capsys):
-    check_int8_bytes_per_token(12 * 2 * 12 * (64 + 4))
+    check_int8_bytes_per_token(12 * 2 * 12 * (64 + 2 * (2 + 2)))  # two groups of 32: a float16 step and minimum each
     assert "my_int8_bytes_per_token: all checks passed" in capsys.readouterr().out
 
 
@@ -121,10 +121,11 @@ def test_int8_bytes_check_reports_none_as_not_done(capsys):
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (12 * 12 * 68, "values"),
-    (12 * 2 * 12 * 64, "scales"),
-    (12 * 2 * 12 * 65, "4 bytes"),
-    (12 * 2 * (768 + 4), "each head"),
+    (12 * 12 * 72, "values"),
+    (12 * 2 * 12 * 64, "steps and minimums"),
+    (12 * 2 * 12 * 68, "float16 minimum"),
+    (12 * 2 * 12 * 80, "2 bytes each"),
+    (12 * 2 * (768 + 8), "each head"),
     (12 * 2 * 12 * 64 * 4, "float32 cache"),
     (12345, "not the int8"),
     ("19584", "number"),

@@ -8,19 +8,24 @@ import torch.nn.functional as F
 import kvlab
 from kvlab.cache import SlidingWindowLayerCache, StaticLayerCache
 from kvlab.checks._common import small_model
-from kvlab.quantized import (Int8SlidingWindowLayerCache, Int8StaticLayerCache, dequantize_int8,
+from kvlab.quantized import (Int8SlidingWindowLayerCache, Int8StaticLayerCache, dequantize_int8, group_size,
                              quantize_int8)
 
 
 def test_quantize_round_trip_error_is_at_most_half_a_step():
-    x = torch.randn(2, 3, 7, 16, generator=torch.Generator().manual_seed(0)) * 5
-    q, scale = quantize_int8(x)
-    assert q.dtype == torch.int8 and scale.shape == (2, 3, 7, 1)
-    assert int(q.abs().max()) == 127
-    err = (dequantize_int8(q, scale) - x).abs()
-    assert bool((err <= scale / 2 + 1e-6).all())
-    zero_q, zero_scale = quantize_int8(torch.zeros(1, 4))
-    assert not zero_q.any() and torch.isfinite(zero_scale).all()
+    x = torch.randn(2, 3, 7, 64, generator=torch.Generator().manual_seed(0)) * 5
+    x[..., 3] += 200  # an outlier channel: only its own group gets a coarse step
+    q, step, lo = quantize_int8(x)
+    assert q.dtype == torch.int8 and step.dtype == lo.dtype == torch.float16
+    assert step.shape == lo.shape == (2, 3, 7, 64 // group_size(64)) and group_size(64) == 32
+    assert int(q.min()) == -128 and int(q.max()) == 127  # both ends of the range used (min and max of a group)
+    err = (dequantize_int8(q, step, lo) - x).abs().unflatten(-1, (2, 32))
+    assert bool((err <= step.float()[..., None] / 2 + 1e-5).all())
+    # The group without the outlier keeps a fine step: that is what the groups buy.
+    assert float(step[..., 1].float().max()) < 0.25 * float(step[..., 0].float().min())
+    const_q, const_step, const_lo = quantize_int8(torch.full((1, 8), 3.0))
+    assert torch.equal(dequantize_int8(const_q, const_step, const_lo), torch.full((1, 8), 3.0))
+    assert group_size(8) == 8 and group_size(48) == 16
 
 
 def fake_quantized(x):
@@ -71,7 +76,8 @@ def test_int8_bytes_follow_the_formula():
     c = model.config
     for kind, n, extra in [("static", 64, dict(max_seq_len=64)), ("sliding", 16, dict(window=16))]:
         cache = model.new_cache(3, kind=kind, quantize="int8", **extra)
-        per_token_head = c.head_dim * 1 + 4  # int8 numbers + one float32 scale, for K and again for V
+        groups = c.head_dim // group_size(c.head_dim)
+        per_token_head = c.head_dim * 1 + groups * (2 + 2)  # int8 numbers + a float16 step and minimum per group
         assert cache.nbytes == c.n_layers * 2 * 3 * c.n_kv_heads * n * per_token_head
         assert repr(cache).startswith("KVCache(kind=")
 
@@ -89,17 +95,32 @@ def test_int8_cache_of_the_shipped_model_is_under_0_3x_and_greedy_text_agrees():
 
 def test_int8_cache_quality_on_the_shipped_model():
     """Teacher-forced, the int8 cache barely moves the model; free-running text can still part at
-    a close call (this prompt's greedy text does, at character 10), which `cache_quality` reports."""
+    a close call, which `cache_quality` reports with the float model's top-2 logit gap there."""
     from kvlab.quantized import cache_quality
 
     model, tok = kvlab.load_shakespeare()
     ids = torch.tensor(tok.encode("ROMEO:\nWhat say you, my lord? I will not speak of it.\n" * 12))
-    q = cache_quality(model, ids, [torch.tensor([tok.encode("KING HENRY:\nNow, ")])], windows=4, new_tokens=64)
+    prompts = [torch.tensor([tok.encode(p)]) for p in ("KING HENRY:\nNow, ", "First Citizen:\n")]
+    q = cache_quality(model, ids, prompts, windows=4, new_tokens=64)
     assert q["kl_nats"] < 1e-3 and q["top1_agreement"] > 0.98 and abs(q["val_loss_change"]) < 0.01
     assert q["greedy_agreement_along_float_text"] >= 0.95
     assert q["ratio_to_float32"] <= 0.3 and q["bytes"]["bfloat16"] * 2 == q["bytes"]["float32"]
-    greedy = q["greedy"][0]
-    assert (greedy["first_difference"] is None) == (greedy["agreement"] == 1.0)
+    for greedy in q["greedy"]:
+        assert (greedy["first_difference"] is None) == (greedy["agreement"] == 1.0)
+        assert (greedy["first_difference"] is None) == ("top2_gap_at_first_difference" not in greedy)
+    # First Citizen's greedy text parts at a near-tie (character 37 on the CPU). Where the texts part
+    # the argmax swapped, so the float top-2 gap there is at most twice the largest logit change
+    # (this failed when the gap was read one position late).
+    parted = [g for g in q["greedy"] if g["first_difference"] is not None]
+    assert parted, "expected First Citizen's greedy text to part at a near-tie"
+    for g in parted:
+        assert 0 <= g["top2_gap_at_first_difference"] <= 2 * g["logit_change_at_first_difference"] + 1e-5
+    # The gap is read where the texts part, not one position later: recomputed without a cache.
+    T, first = prompts[1].size(1), q["greedy"][1]["first_difference"]
+    with torch.no_grad():
+        text = kvlab.generate(model, prompts[1], 64, temperature=0, cache=model.new_cache(1, kind="sliding"))
+        top2 = model(text[:, :T + first])[0, -1].topk(2).values
+    assert abs(q["greedy"][1]["top2_gap_at_first_difference"] - float(top2[0] - top2[1])) < 1e-4
 
 
 @pytest.mark.parametrize("kwargs, name", [

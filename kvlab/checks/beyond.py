@@ -141,7 +141,8 @@ def check_int8_bytes_per_token(answer) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AssertionError(f"my_int8_bytes_per_token should be a number of bytes, got {type(value).__name__}.")
     L, H, D = 12, 12, 64
-    truth = L * 2 * H * (D + 4)
+    per_head = D + (D // 32) * (2 + 2)  # int8 numbers, then a float16 step and minimum per group of 32
+    truth = L * 2 * H * per_head
     # Measured, not only computed: a real int8 cache of a GPT-2-shaped model (tiny vocabulary: the
     # cache does not depend on it), 8 positions, divided by 8.
     with torch.random.fork_rng(devices=[]):
@@ -149,15 +150,17 @@ def check_int8_bytes_per_token(answer) -> None:
     measured = model.new_cache(1, max_seq_len=8, quantize="int8").nbytes // 8
     assert measured == truth
     wrong = {
-        L * H * (D + 4): "that counts the keys only: the values are cached (and quantized) too.",
-        L * 2 * H * D: "that leaves out the scales: each key and each value vector brings one float32 scale.",
-        L * 2 * H * (D + 1): "a scale is a float32: 4 bytes, not 1.",
-        L * 2 * (H * D + 4): "that is one scale per token for all heads together; here each head has its own.",
+        L * H * per_head: "that counts the keys only: the values are cached (and quantized) too.",
+        L * 2 * H * D: "that leaves out the steps and minimums: each group of 32 numbers brings two float16s.",
+        L * 2 * H * (D + 4): "that is one 4-byte scale per vector (or a step without its minimum); here each group "
+                             "of 32 channels has a float16 step and a float16 minimum.",
+        L * 2 * H * (D + (D // 32) * 8): "the step and the minimum are float16: 2 bytes each, not 4.",
+        L * 2 * (H * D + (D // 32) * 4): "that is one set of steps for all heads together; here each head has its own.",
         L * 2 * H * D * 4: "that is the float32 cache: int8 stores one byte per number.",
     }
     if value in wrong:
         raise AssertionError(wrong[value])
     if value != truth:
         raise AssertionError("not the int8 cache's bytes per token: count, per layer, keys and values, per head "
-                             "head_dim int8 numbers plus one float32 scale.")
+                             "head_dim int8 numbers plus a float16 step and a float16 minimum per group of 32.")
     passed("my_int8_bytes_per_token")
