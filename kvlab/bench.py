@@ -16,6 +16,7 @@ one stays flat. Built in chapter 5.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -31,6 +32,7 @@ from .device import describe_device, synchronize
 from .compiled import advance, compiled_decode_step, prepare_cache
 from .generate import decode_step, next_token, prefill
 from .gpt import GPT, GPTConfig
+from .speedups import measured_linears
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
            "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded", "main"]
@@ -91,40 +93,42 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     out = torch.empty(B, T + new_tokens, dtype=torch.long, device=device)
     out[:, :T] = idx
     cache = None
-    _reset_peak(device)
-    synchronize(device)
-    start = time.perf_counter()
-    if use_cache:
-        cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
-            else model.new_cache(B, kind=cache_kind)
-        logits = prefill(model, idx, cache)
-    else:
-        logits = model._forward(idx, None, 0, last_only=True)[:, -1]
-    if compile:
-        if not use_cache:
-            raise ValueError("compile=True needs use_cache=True")
-        prepare_cache(cache)
-        input_pos = torch.tensor([T], device=device)
-    token = next_token(logits, temperature=0)
-    out[:, T] = token[:, 0]
-    synchronize(device)
-    ttft = time.perf_counter() - start
-    steps = []
-    for n in range(1, new_tokens):
-        t0 = time.perf_counter()
-        if compile:
-            logits = compiled_decode_step(model, token, input_pos, cache)
-            advance(cache, T + n)
-            input_pos += 1
-        elif use_cache:
-            logits = decode_step(model, token, cache)
-        else:
-            logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
-        token = next_token(logits, temperature=0)
-        out[:, T + n] = token[:, 0]
+    # kvlab.generate's CPU kernel choice (kvlab.speedups), cached and uncached alike: what generate runs.
+    with measured_linears(model, B) if not compile else contextlib.nullcontext():
+        _reset_peak(device)
         synchronize(device)
-        steps.append(time.perf_counter() - t0)
-    total = time.perf_counter() - start
+        start = time.perf_counter()
+        if use_cache:
+            cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
+                else model.new_cache(B, kind=cache_kind)
+            logits = prefill(model, idx, cache)
+        else:
+            logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+        if compile:
+            if not use_cache:
+                raise ValueError("compile=True needs use_cache=True")
+            prepare_cache(cache)
+            input_pos = torch.tensor([T], device=device)
+        token = next_token(logits, temperature=0)
+        out[:, T] = token[:, 0]
+        synchronize(device)
+        ttft = time.perf_counter() - start
+        steps = []
+        for n in range(1, new_tokens):
+            t0 = time.perf_counter()
+            if compile:
+                logits = compiled_decode_step(model, token, input_pos, cache)
+                advance(cache, T + n)
+                input_pos += 1
+            elif use_cache:
+                logits = decode_step(model, token, cache)
+            else:
+                logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+            token = next_token(logits, temperature=0)
+            out[:, T + n] = token[:, 0]
+            synchronize(device)
+            steps.append(time.perf_counter() - t0)
+        total = time.perf_counter() - start
     cache_bytes = cache.nbytes if cache is not None else 0
     timing = GenerationTiming("kvlab-compile" if compile else "kvlab", use_cache, B, T, new_tokens, ttft, steps,
                               total, _peak(device, cache_bytes))

@@ -7,11 +7,13 @@ CPU. Everything device-specific that the other modules need lives here, so a not
 
 from __future__ import annotations
 
+import functools
+
 import random
 
 import torch
 
-__all__ = ["pick_device", "synchronize", "seed_everything", "describe_device"]
+__all__ = ["pick_device", "synchronize", "seed_everything", "describe_device", "cpu_model_name"]
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -105,4 +107,19 @@ def _cpu_name() -> str:
                                   timeout=5).stdout.strip() or platform.machine()
         except (OSError, subprocess.SubprocessError):
             pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_model_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()

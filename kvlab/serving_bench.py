@@ -17,25 +17,13 @@ import time
 import torch
 
 from .cache import kv_cache_bytes
-from .device import describe_device, synchronize
+from .device import cpu_model_name, describe_device, synchronize
 from .generate import generate
 from .gpt import GPT
 from .serving import Engine, mixed_workload
 
 __all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench",
            "plot_serving", "cpu_model_name"]
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def batch_sweep(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: int = 32, new_tokens: int = 64,

@@ -1,9 +1,16 @@
 """Shared fixtures: tiny seeded models in both styles, small enough that tests take seconds."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 import kvlab
+
+# kvlab.speedups stores its measured CPU kernel choices in ~/.cache/kvlab; the tests keep theirs
+# in a folder of their own, and every test run starts without any.
+os.environ["KVLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvlab-test-cache-")
 
 STYLES = {
     "gpt2": dict(vocab_size=97, max_seq_len=320, d_model=32, n_layers=2, n_heads=4),

@@ -1,6 +1,7 @@
-"""kvlab.speedups: the optional oneDNN input-major linears, kept outside the model and chosen by
-measuring. Switched on or off, they must never change a value (beyond float32 rounding), a shape,
+"""kvlab.speedups: oneDNN linears, kept outside the model and chosen by measuring (once, stored). Switched on or off, they must never change a value (beyond float32 rounding), a shape,
 a tie, a token or a saved file, and must step aside for training."""
+
+import json
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_onednn_linear_equals_nn_linear(bias, shape):
     reference = nn.Linear(48, 80, bias=bias)
     reference.load_state_dict(plain.state_dict())
     layer = OneDNNLinear(plain)
-    assert layer.weight.stride() == (1, 80)  # input-major storage, same (out, in) shape
+    assert layer.weight is plain.weight and layer.bias is plain.bias  # the same parameters, untouched
     x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]  # a strided input, as slices give
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -80,18 +81,20 @@ def test_swapping_changes_no_value_token_or_tie(style):
 
 
 @needs_onednn
-def test_fast_cpu_inference_keeps_only_a_measured_win(monkeypatch):
+def test_fast_cpu_inference_keeps_only_a_measured_win(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
     model = make_model("gpt2")
     idx = torch.randint(0, model.config.vocab_size, (2, 5))
     reference = kvlab.generate(model, idx, 20, temperature=0)
-    speedups._measured_choice.cache_clear()
+    speedups.forget_measurements()
     # A machine where oneDNN loses: the model must stay plain.
     monkeypatch.setattr(speedups, "_decode_ms", lambda m, b, s: 10.0 if any(
         isinstance(x, OneDNNLinear) for x in m.modules()) else 5.0)
     report = fast_cpu_inference(model)
     assert not report["onednn"] and not any(isinstance(m, OneDNNLinear) for m in model.modules())
     # A machine where it wins clearly: switched, and still the same tokens.
-    speedups._measured_choice.cache_clear()
+    speedups._choices_path().unlink()
+    speedups.forget_measurements()
     monkeypatch.setattr(speedups, "_decode_ms", lambda m, b, s: 5.0 if any(
         isinstance(x, OneDNNLinear) for x in m.modules()) else 10.0)
     report = fast_cpu_inference(model)
@@ -100,7 +103,10 @@ def test_fast_cpu_inference_keeps_only_a_measured_win(monkeypatch):
     # Measured once per process: a second call reuses the answer without timing anything.
     monkeypatch.setattr(speedups, "_decode_ms", lambda *a: pytest.fail("measured twice"))
     assert fast_cpu_inference(model)["onednn"]
-    speedups._measured_choice.cache_clear()
+    # ... and so does another process: the answer was stored.
+    speedups.forget_measurements()
+    assert fast_cpu_inference(model)["onednn"]
+    speedups.forget_measurements()
 
 
 def test_fast_cpu_inference_leaves_other_models_alone():
@@ -131,3 +137,66 @@ def test_training_and_saving_after_the_swap(tmp_path):
     load_checkpoint(path, other)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def _fake_timing(monkeypatch, onednn_ms: float, plain_ms: float = 10.0):
+    calls = []
+
+    def decode_ms(model, batch_size, steps):
+        calls.append(batch_size)
+        return onednn_ms if any(isinstance(m, OneDNNLinear) for m in model.modules()) else plain_ms
+
+    monkeypatch.setattr(speedups, "_decode_ms", decode_ms)
+    return calls
+
+
+@needs_onednn
+def test_generate_switches_inside_the_call_only_and_stores_the_answer(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    speedups.forget_measurements()
+    model = make_model("gpt2")
+    idx = torch.randint(0, model.config.vocab_size, (2, 5))
+    monkeypatch.setenv(speedups.KERNELS_ENV, "plain")
+    reference = kvlab.generate(model, idx, 20, temperature=0)
+    assert not (tmp_path / speedups.CHOICES_FILE).exists()  # "plain": nothing measured
+    monkeypatch.setenv(speedups.KERNELS_ENV, "auto")
+    calls = _fake_timing(monkeypatch, onednn_ms=5.0)
+    seen = []
+    original = speedups._onednn_linear
+    monkeypatch.setattr(speedups, "_onednn_linear", lambda *a: seen.append(1) or original(*a))
+    assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference)
+    assert seen and calls == [2, 2, 2, 2]  # batch 2, measured both ways twice
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # restored
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+    stored = json.loads((tmp_path / speedups.CHOICES_FILE).read_text())
+    assert [v["onednn"] for v in stored.values()] == [True]
+    # Another process reads the stored answer: no timing at all.
+    speedups.forget_measurements()
+    monkeypatch.setattr(speedups, "_decode_ms", lambda *a: pytest.fail("measured again"))
+    seen.clear()
+    assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference) and seen
+    speedups.forget_measurements()
+
+
+@needs_onednn
+def test_generate_stays_plain_where_onednn_loses_or_the_file_is_damaged(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    (tmp_path / speedups.CHOICES_FILE).write_text("{not json")
+    speedups.forget_measurements()
+    model = make_model("gpt2")
+    calls = _fake_timing(monkeypatch, onednn_ms=9.9)  # 1.01x: within noise, not a win
+    monkeypatch.setattr(speedups, "_onednn_linear", lambda *a: pytest.fail("oneDNN used"))
+    kvlab.generate(model, torch.randint(0, model.config.vocab_size, (1, 5)), 5, temperature=0)
+    assert calls  # the damaged file was measured over ...
+    assert [v["onednn"] for v in json.loads((tmp_path / speedups.CHOICES_FILE).read_text()).values()] == [False]
+    speedups.forget_measurements()
+
+
+def test_a_bad_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(speedups.KERNELS_ENV, "fast")
+    model = make_model("gpt2")
+    with pytest.raises(ValueError, match="KVLAB_CPU_KERNELS must be 'auto' or 'plain'"):
+        kvlab.generate(model, torch.zeros(1, 3, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="kvlab.GPT"):
+        with speedups.measured_linears(nn.Linear(2, 2), 1):
+            pass

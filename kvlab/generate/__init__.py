@@ -15,6 +15,7 @@ fixed-shape step of `kvlab.compiled`, compiled by `torch.compile`.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import time
 
@@ -26,6 +27,7 @@ from ..compiled import COMPILABLE_CACHE_KINDS, advance, compiled_decode_step, pr
 from ..device import synchronize
 from ..gpt import GPT
 from ..sampling import check_sampling_args, logits_to_probs, sample
+from ..speedups import measured_linears
 
 __all__ = ["next_token", "generate_naive", "prefill", "decode_step", "generate"]
 
@@ -159,47 +161,50 @@ def generate(
     if max_new_tokens == 0:
         return out
     choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
-    if stats is not None:
-        synchronize(idx.device)
-        start = time.perf_counter()
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    # On a CPU, decode with the linear kernel this machine measured fastest for this model, if it
+    # is not plain nn.Linear's (kvlab.speedups, chapter 5); the model is unchanged afterwards.
+    with measured_linears(model, B) if not compile else contextlib.nullcontext():
+        if stats is not None:
+            synchronize(idx.device)
+            start = time.perf_counter()
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
 
-    if use_cache:
-        if cache is None:
-            if model.config.window is not None and model.config.pos == "rope":
-                cache = model.new_cache(B, kind="sliding")
-            else:
-                cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
-        cache.reset()
-        logits = prefill(model, idx, cache)
-        if compile:
-            prepare_cache(cache)
-            input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
-    else:
-        logits = model._forward(idx, None, 0, last_only=True)[:, -1]
-    if stats is not None:
-        synchronize(idx.device)
-        prefilled = time.perf_counter()
-
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        token = next_token(logits, **choose)  # (B, 1)
-        if finished is not None:
-            token = torch.where(finished[:, None], eos_id, token)
-            finished |= token[:, 0] == eos_id
-        out[:, T + n - 1] = token[:, 0]
-        if n == max_new_tokens or (finished is not None and bool(finished.all())):
-            break
-        if compile:
-            logits = compiled_decode_step(model, token, input_pos, cache)
-            advance(cache, T + n)
-            input_pos += 1
-        elif use_cache:
-            logits = decode_step(model, token, cache)
+        if use_cache:
+            if cache is None:
+                if model.config.window is not None and model.config.pos == "rope":
+                    cache = model.new_cache(B, kind="sliding")
+                else:
+                    cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
+            cache.reset()
+            logits = prefill(model, idx, cache)
+            if compile:
+                prepare_cache(cache)
+                input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
         else:
-            logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
-    if stats is not None:
-        synchronize(idx.device)
-        end = time.perf_counter()
-        stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
-    return out[:, : T + n]
+            logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+        if stats is not None:
+            synchronize(idx.device)
+            prefilled = time.perf_counter()
+
+        n = 0
+        for n in range(1, max_new_tokens + 1):
+            token = next_token(logits, **choose)  # (B, 1)
+            if finished is not None:
+                token = torch.where(finished[:, None], eos_id, token)
+                finished |= token[:, 0] == eos_id
+            out[:, T + n - 1] = token[:, 0]
+            if n == max_new_tokens or (finished is not None and bool(finished.all())):
+                break
+            if compile:
+                logits = compiled_decode_step(model, token, input_pos, cache)
+                advance(cache, T + n)
+                input_pos += 1
+            elif use_cache:
+                logits = decode_step(model, token, cache)
+            else:
+                logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+        if stats is not None:
+            synchronize(idx.device)
+            end = time.perf_counter()
+            stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
+        return out[:, : T + n]
