@@ -11,6 +11,7 @@ decoding throughout. Built in chapter 9.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -170,7 +171,8 @@ def serving_bench(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: i
         "device": describe_device(model.device), "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "dtype": str(model.dtype).removeprefix("torch."), "model": c.to_dict(), "parameters": model.num_params(),
-        "note": "wall-clock times on a shared, loaded machine: compare ratios within this run",
+        "note": "wall-clock times; compare ratios within this run (load_average_1min: the machine's other work at the start)",
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     progress("-- throughput and KV memory against batch size")
     out["batch_sweep"] = batch_sweep(model, batch_sizes=batch_sizes, prompt_len=prompt_len, new_tokens=new_tokens,
