@@ -82,6 +82,7 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects (ties kept)
+        self._original = (linear,)  # in a tuple, so not registered as a submodule: swapping back is free
 
     def forward(self, x: Tensor) -> Tensor:
         recording = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
@@ -90,9 +91,8 @@ class OneDNNLinear(nn.Module):
         return _onednn_linear(x, self.weight, self.bias)
 
     def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
+        linear = self._original[0]
+        linear.weight, linear.bias = self.weight, self.bias  # whatever this layer holds now
         return linear
 
 
