@@ -301,17 +301,9 @@ def toy_beam_accuracy(model: "Seq2SeqTransformer", pairs: list[tuple[str, str]],
                       batch_size: int = 250) -> float:
     """Exact-match accuracy of beam search on (source, target) string pairs of chapter 8's toy
     tasks; num_beams=1 is `kvlab.seq2seq.toy_accuracy`'s greedy decoding. Built in chapter 10."""
-    from .data import seq2seq_batch
-    from .seq2seq import _check_vocab
+    from .seq2seq import toy_accuracy
 
-    _check_vocab(model, vocab)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i: i + batch_size]
-        src, _, tgt_out = seq2seq_batch(chunk, vocab, device=model.device)
-        pred = beam_search(model, src, tgt_out.size(1), num_beams=num_beams)
-        correct += sum(vocab.decode(row) == tgt for row, (_, tgt) in zip(pred.cpu(), chunk))
-    model.train(was_training)
-    return correct / len(pairs)
+    def decode(m, src, max_len):
+        return beam_search(m, src, max_len, num_beams=num_beams)
+
+    return toy_accuracy(model, pairs, vocab, batch_size=batch_size, decode=decode)

@@ -86,10 +86,11 @@ def describe_device(device: str | torch.device | None = None) -> str:
         return f"cuda: {torch.cuda.get_device_name(device)}"
     if device.type == "mps":
         return "mps: Apple Silicon GPU"
-    return f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads"
+    return f"cpu: {cpu_model_name()}, {torch.get_num_threads()} threads"
 
 
-def _cpu_name() -> str:
+@functools.cache
+def cpu_model_name() -> str:
     """The processor's marketing name where the OS tells it (Linux, macOS), else its architecture."""
     import platform
     import subprocess
@@ -107,19 +108,4 @@ def _cpu_name() -> str:
                                   timeout=5).stdout.strip() or platform.machine()
         except (OSError, subprocess.SubprocessError):
             pass
-    return platform.processor() or platform.machine()
-
-
-@functools.cache
-def cpu_model_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from .cache import SlidingWindowLayerCache, StaticLayerCache
+
 __all__ = ["QUANTIZE_KINDS", "GROUP_SIZE", "group_size", "quantize_int8", "dequantize_int8",
            "Int8StaticLayerCache", "Int8SlidingWindowLayerCache", "cache_quality"]
 
@@ -116,8 +118,7 @@ class Int8StaticLayerCache:
         self.max_seq_len = max_seq_len
         self.length = 0
 
-    def key_positions(self, input_pos: Tensor) -> Tensor:
-        return torch.arange(int(input_pos[-1]) + 1, device=self.k.device)
+    key_positions = StaticLayerCache.key_positions  # the same positions as the float cache
 
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         start, end = int(input_pos[0]), int(input_pos[-1]) + 1
@@ -158,13 +159,7 @@ class Int8SlidingWindowLayerCache:
         self.window = window
         self.length = 0
 
-    def key_positions(self, input_pos: Tensor) -> Tensor:
-        start, T = int(input_pos[0]), input_pos.numel()
-        if T == 1:
-            slots = torch.arange(self.window, device=self.pos.device)
-            return torch.where(slots == start % self.window, start, self.pos)
-        new = torch.arange(start, start + T, device=self.pos.device)
-        return torch.cat([self.pos, new])  # (W + T,)
+    key_positions = SlidingWindowLayerCache.key_positions  # the same ring bookkeeping as the float cache
 
     def _ring(self) -> tuple[Tensor, Tensor]:
         return (dequantize_int8(self.k, self.k_scale, self.k_offset, self.dtype),  # (B, Hkv, W, D)

@@ -470,8 +470,11 @@ def _check_vocab(model, vocab) -> None:
 
 @torch.no_grad()
 def toy_accuracy(model: Seq2SeqTransformer, pairs: list[tuple[str, str]], vocab: Seq2SeqVocab,
-                 *, batch_size: int = 500) -> float:
-    """Exact-match accuracy of greedy decoding on (source, target) string pairs. Built in chapter 8."""
+                 *, batch_size: int = 500, decode=None) -> float:
+    """Exact-match accuracy of greedy decoding on (source, target) string pairs. Built in chapter 8.
+
+    `decode(model, src, max_len)` replaces `greedy_decode` (chapter 10 passes beam search)."""
+    decode = greedy_decode if decode is None else decode
     _check_vocab(model, vocab)
     was_training = model.training
     model.eval()
@@ -479,7 +482,7 @@ def toy_accuracy(model: Seq2SeqTransformer, pairs: list[tuple[str, str]], vocab:
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i: i + batch_size]
         src, _, tgt_out = seq2seq_batch(chunk, vocab, device=model.device)
-        pred = greedy_decode(model, src, tgt_out.size(1))  # room for the longest target + EOS
+        pred = decode(model, src, tgt_out.size(1))  # room for the longest target + EOS
         correct += sum(vocab.decode(row) == tgt for row, (_, tgt) in zip(pred.cpu(), chunk))
     model.train(was_training)
     return correct / len(pairs)

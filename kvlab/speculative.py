@@ -32,8 +32,9 @@ from torch import Tensor
 
 from .cache import KVCache
 from .device import synchronize
+from .generate import check_length_and_sampling
 from .gpt import GPT
-from .sampling import check_sampling_args, logits_to_probs
+from .sampling import logits_to_probs
 
 __all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "speedup", "load_shakespeare_draft"]
 
@@ -222,13 +223,7 @@ def _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, 
     if idx.size(0) != 1:
         raise ValueError(f"idx must hold one sequence, shape (1, T), got {tuple(idx.shape)}: speculative decoding "
                          "here accepts a different number of tokens per round, so it runs one sequence at a time")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling_args(temperature, top_k, top_p, min_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     total = idx.size(1) + max_new_tokens

@@ -75,12 +75,9 @@ def decode_step(model: GPT, token: Tensor, cache: KVCache) -> Tensor:
     return model._forward(token, cache, start, last_only=True)[:, -1]
 
 
-def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                         generator, eos_id, cache, compile=False) -> int:
-    """Every argument of `generate`, checked before any work. Returns the prompt length."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
-    model.check_inputs(idx)  # type, shape, dtype, non-empty, ids in the vocabulary
+def check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator) -> None:
+    """The arguments every generation loop shares (`generate`, `speculative_generate`), checked
+    before any work: `max_new_tokens` an int >= 0, the sampling filters, a `torch.Generator` or None."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
@@ -88,6 +85,15 @@ def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top
     check_sampling_args(temperature, top_k, top_p, min_p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
+                         generator, eos_id, cache, compile=False) -> int:
+    """Every argument of `generate`, checked before any work. Returns the prompt length."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
+    model.check_inputs(idx)  # type, shape, dtype, non-empty, ids in the vocabulary
+    check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator)
     V = model.config.vocab_size
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
                                or not 0 <= eos_id < V):
