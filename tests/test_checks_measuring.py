@@ -1,5 +1,6 @@
 """The chapter 5 checks pass right answers and catch the stub and plausible wrong answers."""
 
+import copy
 import math
 import time
 
@@ -234,7 +235,7 @@ def test_compute_bound_batch_at_an_empty_cache_depends_on_the_machine_only():
     assert math.isclose(checks.compute_bound_batch(model, 0, 1e12, 1e11), 1e12 * 4 / (2 * 1e11))
 
 
-# -- my_bf16_step_ratio -----------------------------------------------------------------------
+# -- my_bf16_step_times -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def bf16_model():
@@ -242,42 +243,97 @@ def bf16_model():
     return kvlab.GPT(kvlab.GPTConfig(vocab_size=512, max_seq_len=64, d_model=128, n_layers=2, n_heads=4)).eval()
 
 
-def test_bf16_ratio_passes_on_a_live_measurement(bf16_model, capsys):
-    checks.check_bf16_step_ratio(checks.bf16_step_ratio(bf16_model), bf16_model)
-    assert "my_bf16_step_ratio: all checks passed" in capsys.readouterr().out
+def measure_alternating(model, steps=8):
+    """The exercise's solution: decode steps of the float32 model and a bfloat16 copy, alternating."""
+    models = (model, copy.deepcopy(model).to(torch.bfloat16))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    runs, times = [], ([], [])
+    with torch.inference_mode():
+        for m in models:
+            cache = m.new_cache(1, max_seq_len=8 + steps + 1)
+            token = kvlab.prefill(m, prompt, cache).argmax(-1, keepdim=True)
+            kvlab.decode_step(m, token, cache)  # warm-up
+            runs.append((m, token, cache))
+        for _ in range(steps):
+            for (m, token, cache), out in zip(runs, times):
+                t0 = time.perf_counter()
+                kvlab.decode_step(m, token, cache)
+                out.append(time.perf_counter() - t0)
+    return times
 
 
-def test_bf16_ratio_fails_on_the_stub(bf16_model, assert_not_done):
-    assert_not_done(lambda: checks.check_bf16_step_ratio(None, bf16_model))
+def fake_times(ratio, fp32_s=0.002, n=8):
+    """Step times whose ratio of medians is `ratio`, with the small jitter real times have."""
+    fp32 = [fp32_s * (1 + 0.01 * i) for i in range(n)]
+    return fp32, [t * ratio for t in fp32]
 
 
-@pytest.mark.parametrize("ratio, match", [
-    (lambda live: 100 * live if live > 0.05 else 1000.0, "percentage|measured"),
-    (lambda live: 5 * live, "measured"),
-    (lambda live: live / 5, "measured"),
-    (lambda live: "0.8", "positive number"),
-    (lambda live: -live, "positive number"),
-])
-def test_bf16_ratio_catches_wrong_answers(bf16_model, monkeypatch, ratio, match):
-    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 0.9)  # a fixed "measurement": no timing noise
-    with pytest.raises(AssertionError, match=match):
-        checks.check_bf16_step_ratio(ratio(0.9), bf16_model)
+def test_bf16_times_pass_on_a_live_measurement(bf16_model, capsys):
+    checks.check_bf16_step_times(measure_alternating(bf16_model), bf16_model)
+    assert "my_bf16_step_times: all checks passed" in capsys.readouterr().out
 
 
-def test_bf16_ratio_names_the_catalogued_mistakes(bf16_model, monkeypatch):
-    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 2.0)  # bfloat16 emulated: slower
-    with pytest.raises(AssertionError, match="upside down"):
-        checks.check_bf16_step_ratio(0.5, bf16_model)
-    with pytest.raises(AssertionError, match="percentage"):
-        checks.check_bf16_step_ratio(200.0, bf16_model)
-    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: 1.0)
-    with pytest.raises(AssertionError, match="what the bytes predict"):
-        checks.check_bf16_step_ratio(0.5, bf16_model)
-    checks.check_bf16_step_ratio(1.2, bf16_model)  # within 30%: passes
+def test_bf16_times_fail_on_the_stub(bf16_model, assert_not_done):
+    assert_not_done(lambda: checks.check_bf16_step_times(None, bf16_model))
 
 
-def test_bf16_ratio_measures_again_before_failing(bf16_model, monkeypatch, capsys):
-    measured = iter([3.0, 1.0])  # one busy moment, then a normal run
-    monkeypatch.setattr(checks, "bf16_step_ratio", lambda model: next(measured))
-    checks.check_bf16_step_ratio(1.1, bf16_model)
+def rounds_of(*ratios, step_s=0.002):
+    """A fixed "measurement" in place of the check's own: no timing noise in these tests."""
+    return lambda model: (list(ratios), step_s)
+
+
+def test_bf16_band_follows_the_checks_own_spread(bf16_model, monkeypatch, capsys):
+    # A quiet machine: rounds agree, the band is narrow. A busy one: rounds spread, the band widens.
+    monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(0.9, 0.92, 0.91, 0.9))
+    with pytest.raises(AssertionError, match="accepts 0.72 to 1.15"):
+        checks.check_bf16_step_times(fake_times(1.4), bf16_model)
+    monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(0.9, 1.3, 1.1, 0.95))
+    checks.check_bf16_step_times(fake_times(1.4), bf16_model)
     assert "all checks passed" in capsys.readouterr().out
+
+
+QUIET = (0.88, 0.9, 0.93, 0.9)  # bfloat16 a little faster
+EMULATED = (1.9, 2.0, 2.1, 2.0)  # no bfloat16 instructions: slower
+EVEN = (0.97, 1.0, 1.03, 1.0)
+
+
+@pytest.mark.parametrize("rounds, answer, match", [
+    (QUIET, 0.5, "one number.*bytes predict"),  # the prediction, unmeasured
+    (QUIET, 0.9, "one number"),  # a ratio without the measurements
+    (QUIET, fake_times(0.9, fp32_s=2.0), "milliseconds"),  # 2 ms written as 2.0
+    (QUIET, fake_times(0.9, fp32_s=0.05), "not the prefill or a whole"),  # 25 steps timed as one
+    (QUIET, (fake_times(0.9)[0][:4], fake_times(0.9)[1][:4]), "at least 6"),
+    (QUIET, ([0.002] * 8, [0.0018] * 8), "same time"),  # filled in, not measured
+    (EMULATED, (fake_times(2.0)[1], fake_times(2.0)[0]), "upside down"),  # the pair swapped
+    (EVEN, fake_times(0.5), "bytes predict"),  # 0.5 made up as times, on a machine that measures 1.0
+    (QUIET, fake_times(3.0), "accepts"),
+    (QUIET, ("fast", "slow"), "list of durations"),
+    (QUIET, (fake_times(0.9)[0],), "pair"),
+    (QUIET, {"fp32": [0.1], "bf16": [0.1]}, "keys torch.float32"),
+])
+def test_bf16_times_catch_wrong_answers(bf16_model, monkeypatch, rounds, answer, match):
+    monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(*rounds))
+    with pytest.raises(AssertionError, match=match):
+        checks.check_bf16_step_times(answer, bf16_model)
+
+
+@pytest.mark.parametrize("rounds, ratio", [(QUIET, 0.9), (EMULATED, 2.0), (EVEN, 1.0)])
+def test_bf16_times_pass_right_answers(bf16_model, monkeypatch, capsys, rounds, ratio):
+    monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(*rounds))
+    checks.check_bf16_step_times(fake_times(ratio), bf16_model)
+    fp32, bf16 = fake_times(ratio)
+    checks.check_bf16_step_times({torch.float32: fp32, torch.bfloat16: bf16}, bf16_model)  # a dict by dtype too
+    assert capsys.readouterr().out.count("all checks passed") == 2
+
+
+def test_bf16_times_measure_again_before_failing(bf16_model, monkeypatch, capsys):
+    measured = iter([([3.0, 3.1, 2.9, 3.0], 0.002), ([1.0, 1.05, 0.95, 1.0], 0.002)])  # a busy spell, then not
+    monkeypatch.setattr(checks, "bf16_round_ratios", lambda model: next(measured))
+    checks.check_bf16_step_times(fake_times(1.1), bf16_model)
+    assert "all checks passed" in capsys.readouterr().out
+
+
+def test_bf16_round_ratios_measure_both_dtypes(bf16_model):
+    ratios, step_s = checks.bf16_round_ratios(bf16_model, rounds=2, steps=3)
+    assert len(ratios) == 2 and all(r > 0 for r in ratios) and 0 < step_s < 1
+    assert bf16_model.dtype == torch.float32  # the model passed in is left as it was

@@ -23,7 +23,7 @@ from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_g
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
 from .training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at  # noqa: F401
-from .measuring import (check_bf16_step_ratio, check_compute_bound_batch, check_decode_bytes,  # noqa: F401
+from .measuring import (check_bf16_step_times, check_compute_bound_batch, check_decode_bytes,  # noqa: F401
                         check_time_steps)
 from .sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,  # noqa: F401
                        check_temperature_for_half, check_top_p_filter)

@@ -4,8 +4,10 @@ The stopwatch check runs the learner's timer against a simulated accelerator: la
 returns at once and the work finishes later, as on a GPU, so a timer that forgets to
 synchronise measures nothing. The byte count is checked against the model's own parameters and
 `kv_cache_bytes`; the batch at which a decode step turns compute-bound against the same counts
-on shape-only (meta) models. The bfloat16 experiment is measured again live on the learner's
-model and device, and accepted within a tolerance wide enough for a busy machine.
+on shape-only (meta) models. The bfloat16 experiment takes the learner's measured step times,
+not a ratio alone; the check measures again, the two models' steps alternating, in several rounds,
+and accepts the learner's ratio within the band its own rounds span, widened by a margin, so the
+band grows with the machine's noise and a busy machine cannot fail a correct measurement.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..generate import decode_step, prefill
 from ..gpt import GPT, GPTConfig
 from ._common import call_learner, learner_check, passed, require_answer
 
-__all__ = ["check_time_steps", "check_decode_bytes", "check_compute_bound_batch", "check_bf16_step_ratio"]
+__all__ = ["check_time_steps", "check_decode_bytes", "check_compute_bound_batch", "check_bf16_step_times"]
 
 
 # -- exercise: a fair stopwatch ---------------------------------------------------------------
@@ -246,69 +248,121 @@ def check_compute_bound_batch(fn) -> None:
 
 # -- experiment: what bfloat16 buys on this machine ---------------------------------------
 
-def bf16_step_ratio(model: GPT, *, rounds: int = 6, prompt_len: int = 8) -> float:
-    """Median decode step of a bfloat16 copy of `model` ÷ that of `model` (float32), batch 1, after a
-    `prompt_len`-token prompt, on the model's device. The steps of the two alternate, so both share
-    whatever else the machine is doing."""
+MIN_STEPS = 6  # timed decode steps per dtype the learner's answer must hold
+
+
+def bf16_round_ratios(model: GPT, *, rounds: int = 4, steps: int = 5,
+                      prompt_len: int = 8) -> tuple[list[float], float]:
+    """bfloat16 ÷ float32 decode-step time of `model` (float32), batch 1, after a `prompt_len`-token
+    prompt, on the model's device: one ratio of medians per round of `steps` steps of each, and
+    the median float32 step in seconds.
+
+    Within a round the two models' steps alternate, so both share whatever else the machine is
+    doing; the spread of the rounds' ratios shows how much that disturbs the measurement.
+    """
     device = model.device
     other = copy.deepcopy(model).to(torch.bfloat16)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
-    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    ratios, fp32_steps = [], []
     with torch.inference_mode():
         runs = []
         for m in (model, other):
-            cache = m.new_cache(1, max_seq_len=prompt_len + rounds + 2)
+            cache = m.new_cache(1, max_seq_len=prompt_len + 1 + rounds * steps)
             token = prefill(m, prompt, cache).argmax(-1, keepdim=True)
             decode_step(m, token, cache)  # warm-up
             runs.append((m, token, cache))
         for _ in range(rounds):
-            for m, token, cache in runs:
-                synchronize(device)
-                t0 = time.perf_counter()
-                decode_step(m, token, cache)
-                synchronize(device)
-                times[m.dtype].append(time.perf_counter() - t0)
-    return statistics.median(times[torch.bfloat16]) / statistics.median(times[torch.float32])
+            times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+            for _ in range(steps):
+                for m, token, cache in runs:
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    decode_step(m, token, cache)
+                    synchronize(device)
+                    times[m.dtype].append(time.perf_counter() - t0)
+            ratios.append(statistics.median(times[torch.bfloat16]) / statistics.median(times[torch.float32]))
+            fp32_steps += times[torch.float32]
+    return ratios, statistics.median(fp32_steps)
 
 
-BF16_TOLERANCE = 0.3  # relative: the learner's run and the check's are two runs on a busy machine
+BF16_MARGIN = 0.25  # relative, on each side of the band the check's own rounds span
+FP32_STEP_FACTOR = 8  # the learner's float32 step and the check's, apart by more: not the same thing timed
+
+
+def _step_times(value, label: str) -> list[float]:
+    # One list of measured durations, validated; `label` names it in messages.
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, numbers.Real):
+        raise AssertionError(f"{label}: give the measured step times (a list of seconds), not one number. "
+                             "The check needs your measurements, not only their ratio.")
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, numbers.Real) and not isinstance(t, bool) for t in value):
+        raise AssertionError(f"{label} should be a list of durations in seconds, got {value!r}")
+    if len(value) < MIN_STEPS:
+        raise AssertionError(f"{label} holds {len(value)} times: time at least {MIN_STEPS} decode steps of "
+                             "each model, so that one slow step cannot decide the median")
+    if not all(t > 0 for t in value):
+        raise AssertionError(f"{label} should hold positive durations in seconds, got {value!r}")
+    if len(set(value)) == 1:
+        raise AssertionError(f"{label} holds the same time {len(value)} times: measured times always "
+                             "differ a little. Time the steps; do not fill in a prediction.")
+    return [float(t) for t in value]
 
 
 @learner_check
-def check_bf16_step_ratio(answer, model: GPT) -> None:
-    """`answer`: a bfloat16 decode step's time ÷ a float32 one's, for `model` (float32) at batch 1 after
-    an 8-token prompt, on its device; measured again here and accepted within 30%."""
-    name = "my_bf16_step_ratio"
+def check_bf16_step_times(answer, model: GPT) -> None:
+    """`answer`: `(float32_times, bfloat16_times)`, the measured durations in seconds of at least six
+    batch-1 decode steps of `model` (float32) and of a bfloat16 copy of it, after an 8-token prompt,
+    on its device, the two models' steps alternating. The check measures the ratio of medians again,
+    alternating too, in several rounds, and accepts the learner's ratio within the band its rounds
+    span, widened by `BF16_MARGIN` on each side; a busy machine widens the band with the spread."""
+    name = "my_bf16_step_times"
     value = require_answer(answer, name)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise AssertionError(f"{name} should be a positive number (a ratio of two times), got {value!r}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        raise AssertionError(f"{name} = {value!r} is one number: give the measurements themselves, "
+                             "(float32 step times, bfloat16 step times), each a list of seconds. "
+                             + ("0.5 is what the bytes predict; the exercise asks what your machine does. "
+                                if value == 0.5 else ""))
+    if isinstance(value, dict):
+        if set(value) != {torch.float32, torch.bfloat16}:
+            raise AssertionError(f"{name}: a dict should have the keys torch.float32 and torch.bfloat16, got "
+                                 f"{sorted(map(str, value))}")
+        value = (value[torch.float32], value[torch.bfloat16])
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise AssertionError(f"{name} should be a pair (float32 step times, bfloat16 step times), got {value!r}")
     if model.dtype != torch.float32:
         raise ValueError(f"pass the float32 model to the check; this one is in {model.dtype}")
-    value = float(value)
+    fp32 = _step_times(value[0], f"{name}[0] (the float32 steps)")
+    bf16 = _step_times(value[1], f"{name}[1] (the bfloat16 steps)")
+    ratio = statistics.median(bf16) / statistics.median(fp32)
 
-    def within(measured: float) -> bool:
-        return abs(value / measured - 1) <= BF16_TOLERANCE
-
-    measured = [bf16_step_ratio(model)]
-    if not within(measured[0]):
-        measured.append(bf16_step_ratio(model))  # a busy moment can spoil one run: measure once more
-    if any(within(m) for m in measured):
+    rounds, step_s = bf16_round_ratios(model)
+    yours_s = statistics.median(fp32)
+    if not 1 / FP32_STEP_FACTOR <= yours_s / step_s <= FP32_STEP_FACTOR:
+        unit = ("these look like milliseconds: give seconds. " if 300 < yours_s / step_s < 3000 else "")
+        raise AssertionError(
+            f"your float32 decode step took {yours_s:.3g} s (the median of your times), the check's "
+            f"{step_s:.3g} s: more than {FP32_STEP_FACTOR:g}x apart, so they do not time the same thing. "
+            f"{unit}Time one decode step (one new token for one sequence), not the prefill or a whole "
+            "generation.")
+    low, high = min(rounds) / (1 + BF16_MARGIN), max(rounds) * (1 + BF16_MARGIN)
+    if not low <= ratio <= high:  # a busy moment can spoil one measurement: measure once more
+        rounds += bf16_round_ratios(model)[0]
+        low, high = min(rounds) / (1 + BF16_MARGIN), max(rounds) * (1 + BF16_MARGIN)
+    if low <= ratio <= high:
+        print(f"your bfloat16 / float32 step ratio: {ratio:.2f}; the check measured "
+              f"{', '.join(f'{r:.2f}' for r in rounds)}")
         passed(name)
         return
-    live = statistics.median(measured)
-    shown = " and ".join(f"{m:.2f}" for m in measured)
-    hint = ("time the two models the same way (batch 1, an 8-token prompt, the median of several decode "
-            "steps after a warm-up), and divide the bfloat16 time by the float32 time.")
-    if value > 5 and abs(value / 100 / live - 1) <= BF16_TOLERANCE:
-        hint = "that looks like a percentage: give the ratio itself (e.g. 0.8, not 80)."
-    elif abs(value * live - 1) <= BF16_TOLERANCE and abs(live - 1) > BF16_TOLERANCE:
-        hint = ("upside down: that is float32's time over bfloat16's (or bfloat16's tokens/s over float32's). "
-                "Divide the bfloat16 step's time by the float32 step's.")
-    elif value == 0.5:
-        hint = ("0.5 is what the bytes predict, not what this machine does: measure both steps. Whether "
-                "bfloat16 pays depends on the processor's instructions for it.")
-    raise AssertionError(f"{name} = {value:.3g}, but the check measured {shown} here (it accepts within "
-                         f"{BF16_TOLERANCE:.0%}). Hint: {hint}")
+    hint = ("time the two models the same way (batch 1, an 8-token prompt, decode steps after a warm-up), "
+            "alternating one step of each, and keep float32 first in the pair.")
+    if low <= 1 / ratio <= high and not low <= 1 <= high:
+        hint = "upside down: the pair is (float32 times, bfloat16 times), in that order."
+    elif math.isclose(ratio, 0.5, rel_tol=1e-6):
+        hint = ("exactly 0.5 is what the bytes predict, not what this machine does. Whether bfloat16 pays "
+                "depends on the processor's instructions for it: measure both steps.")
+    raise AssertionError(f"your times give bfloat16 / float32 = {ratio:.3g}, but the check measured "
+                         f"{', '.join(f'{r:.2f}' for r in rounds)} here (it accepts {low:.2f} to {high:.2f}). "
+                         f"Hint: {hint}")
