@@ -3,6 +3,12 @@
 The library behind the course's chapters; each module names the chapter that builds it.
 """
 
+from ._cli import refuse_non_command
+
+# `python -m kvlab.<a module that is not a command>`: list the commands and exit with status 2,
+# before importing anything else.
+refuse_non_command()
+
 from . import attention, cache, data, device, gpt, layers, pretrained, sampling, seq2seq, tokenizers, viz
 from .attention import CrossAttention, SelfAttention, attention_mask, attention_reference, causal_mask
 from .cache import KVCache, kv_cache_bytes

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["read_json", "read_safetensors", "check_state_shapes"]
+__all__ = ["read_json", "read_safetensors", "read_safetensors_metadata", "check_state_shapes"]
 
 # A real safetensors header is a few kilobytes to a few megabytes; anything above this is
 # random bytes read as a length.
@@ -99,6 +99,18 @@ def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") ->
     except Exception as err:  # safetensors raises its own SafetensorError for anything left
         raise ValueError(f"{path} is not a valid {what}: {err}") from None
     return tensors, metadata
+
+
+def read_safetensors_metadata(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header alone (no tensor is loaded), after
+    the same checks as `read_safetensors`: how a command learns a checkpoint's shape cheaply."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    metadata = _check_safetensors_layout(path, what).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} is not a valid {what}: its __metadata__ is not a JSON object")
+    return metadata
 
 
 def check_state_shapes(path: str | os.PathLike, state: Mapping[str, Tensor], expected: Mapping[str, Tensor],

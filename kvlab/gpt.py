@@ -5,10 +5,11 @@ D head_dim.
 
 One class covers GPT-2 (LayerNorm, GELU, learned positions, biases, tied embeddings) and a
 Llama-style "modern" decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases),
-switched by `GPTConfig` fields. `forward(idx, cache=None, input_pos=None)` is the whole
-interface: without a cache it attends causally over `idx`; with one it writes the new keys and
-values at `input_pos` and attends over everything cached. Built in chapter 3 (the cache in
-chapter 4).
+switched by `GPTConfig` fields (and the 2017 paper's fixed sinusoidal positions, `pos="sinusoidal"`).
+`forward(idx, cache=None, input_pos=None)` is the whole interface: without a cache it attends
+causally over `idx`; with one it writes the new keys and values at `input_pos` and attends over
+everything cached. Passing `targets=` also returns the training loss (nanoGPT's
+`logits, loss = model(idx, targets)`). Built in chapter 3 (the cache in chapter 4).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention_mask
 from .cache import KVCache
-from .layers import Block, make_norm, rope_cos_sin
+from .layers import Block, SinusoidalPositions, make_norm, rope_cos_sin
 
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
@@ -62,7 +64,7 @@ class GPTConfig:
     d_ff: int | None = None  # MLP hidden width (None = 4·C for GELU, ≈ 8C/3 rounded up to 64 for SwiGLU)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm"
     mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu"
-    pos: str = "learned"  # "learned" (GPT-2) or "rope"
+    pos: str = "learned"  # "learned" (GPT-2), "rope" or "sinusoidal" (the 2017 paper's fixed table)
     rope_base: float = 10000.0  # RoPE's base frequency
     bias: bool = True  # biases in linear layers and LayerNorm (GPT-2 has them)
     tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
@@ -72,7 +74,7 @@ class GPTConfig:
     head_dim: int = dataclasses.field(init=False)  # derived: d_model // n_heads
 
     def __post_init__(self) -> None:
-        check_shape_fields(self, positions=("learned", "rope"))
+        check_shape_fields(self, positions=("learned", "rope", "sinusoidal"))
         self.head_dim = self.d_model // self.n_heads
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_heads={self.head_dim}")
@@ -124,7 +126,10 @@ class GPT(nn.Module):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.pos == "learned" else None
+        # Positions: a learned table, a fixed sinusoidal one (called the same way), or none (RoPE
+        # rotates queries and keys inside attention instead).
+        self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.pos == "learned" else \
+            SinusoidalPositions(c.max_seq_len, c.d_model) if c.pos == "sinusoidal" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, norm=c.norm, mlp=c.mlp, bias=c.bias,
@@ -164,7 +169,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel()
-            if self.pos_emb is not None:
+            if isinstance(self.pos_emb, nn.Embedding):  # a sinusoidal table has no parameters
                 n -= self.pos_emb.weight.numel()
         return n
 
@@ -202,16 +207,39 @@ class GPT(nn.Module):
 
     # -- the forward pass --------------------------------------------------------------------
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None, input_pos: Tensor | int | None = None) -> Tensor:
-        """Logits (B, T, V) for token ids `idx` (B, T).
+    def forward(self, idx: Tensor, cache: KVCache | None = None, input_pos: Tensor | int | None = None,
+                targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, V) for token ids `idx` (B, T); with `targets`, the pair (logits, loss).
 
         `input_pos` gives the absolute position of each token: an int (the first position) or
         a (T,) tensor of consecutive positions. It defaults to 0 without a cache and to
         `cache.length` with one, so `model(next_token, cache)` continues where the cache left
-        off. Every argument is checked before any computation.
+        off. `targets` (B, T) holds the id each position should predict (-100: ignore that
+        position); the loss is the mean cross-entropy in nats, computed in float32. Every
+        argument is checked before any computation.
         """
         start = self.check_inputs(idx, cache, input_pos)
-        return self._forward(idx, cache, start)
+        if targets is not None:
+            self._check_targets(targets, idx)
+        logits = self._forward(idx, cache, start)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def _check_targets(self, targets, idx: Tensor) -> None:
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if targets.device != idx.device:
+            raise ValueError(f"targets is on {targets.device} but idx is on {idx.device}")
+        V = self.config.vocab_size
+        bad = (targets != -100) & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):
+            raise ValueError(f"targets must be ids in [0, {V - 1}] or -100 (ignored), got {int(targets[bad][0])}")
 
     def check_inputs(self, idx: Tensor, cache: KVCache | None = None, input_pos: Tensor | int | None = None) -> int:
         """Validate a forward's arguments; return the first position. Raises TypeError/ValueError."""

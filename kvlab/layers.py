@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .attention import SelfAttention
 
-__all__ = ["RMSNorm", "make_norm", "GELUMLP", "SwiGLUMLP", "make_mlp", "rope_cos_sin", "sinusoidal_positions", "Block"]
+__all__ = ["RMSNorm", "make_norm", "GELUMLP", "SwiGLUMLP", "make_mlp", "rope_cos_sin", "sinusoidal_positions",
+           "SinusoidalPositions", "Block"]
 
 
 class RMSNorm(nn.Module):
@@ -116,6 +117,23 @@ def sinusoidal_positions(n_positions: int, d_model: int, base: float = 10000.0) 
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div[: d_model // 2])
     return table
+
+
+class SinusoidalPositions(nn.Module):
+    """The fixed table of `sinusoidal_positions` in the place of a learned position embedding.
+
+    Called like the `nn.Embedding` it replaces, positions (T,) or (B, T) -> vectors (..., C),
+    so every forward path that adds `pos_emb(positions)` works with either. The table is a
+    buffer named `weight`, like the embedding's: it follows `.to(device, dtype)` but is neither
+    trained nor saved. A GPT with `pos="sinusoidal"` uses it (the 2017 paper's encoding, chapter 8).
+    """
+
+    def __init__(self, n_positions: int, d_model: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("weight", sinusoidal_positions(n_positions, d_model, base), persistent=False)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.weight[positions]
 
 
 class Block(nn.Module):

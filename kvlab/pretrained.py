@@ -20,10 +20,13 @@ from torch import Tensor
 
 from .gpt import GPT, GPTConfig
 
-__all__ = ["GPT2_NAMES", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
+__all__ = ["GPT2_NAMES", "GPT2_DOWNLOAD", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # d_model -> n_heads of each published GPT-2 size
+# The size of each one's model.safetensors on the hub: what the first load_gpt2(name) downloads.
+GPT2_DOWNLOAD = {"gpt2": "about 550 MB", "gpt2-medium": "about 1.5 GB", "gpt2-large": "about 3.3 GB",
+                 "gpt2-xl": "about 6.4 GB"}
 
 # kvlab name pattern -> (Hugging Face name pattern, transpose?). {i} is the layer index.
 _GLOBAL = {
@@ -172,8 +175,9 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
 
     Reads the hub's safetensors file (no pickle); needs `huggingface_hub` (installed with
     `transformers`) and a network connection the first time, after which the hub's local cache
-    is used. Sizes: gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), gpt2-xl (1.5B).
-    Built in chapter 3.
+    is used. Sizes: gpt2 (124M parameters, a download of about 550 MB), gpt2-medium (350M, 1.5 GB),
+    gpt2-large (774M, 3.3 GB), gpt2-xl (1.5B, 6.4 GB). Without a connection (and nothing cached),
+    a FileNotFoundError says so. Built in chapter 3.
     """
     if name not in GPT2_NAMES:
         raise ValueError(f"name must be one of {GPT2_NAMES}, got {name!r}")
@@ -183,7 +187,15 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
         raise ImportError("load_gpt2 needs huggingface_hub: pip install transformers (or huggingface_hub)") from err
     from .files import read_safetensors
 
-    path = hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
+    try:
+        path = hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
+    except Exception as err:  # the hub's error types vary by version and cause (offline, DNS, proxy, HTTP)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{name} is not on this machine: GPT-2's weights are a download from the Hugging Face hub "
+            f"(openai-community/{name}, {GPT2_DOWNLOAD[name]}), made once and then cached, and the download "
+            f"failed ({reason}). Connect to the internet once, or use the model that ships with kvlab "
+            "(kvlab.load_shakespeare(), --model shakespeare)") from err
     model = from_hf_gpt2(read_safetensors(path, f"{name} weights file")[0])
     model.eval()
     return model.to(device) if device is not None else model
@@ -237,6 +249,12 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, tokenizer: str = 
     folder = shakespeare_model_dir(path, tokenizer=tokenizer)
     needed = ["model.safetensors", "config.json", "tokenizer.json"]
     missing = [name for name in needed if not (folder / name).is_file()]
+    if missing and path is not None:
+        raise FileNotFoundError(
+            f"{folder} is not an exported kvlab model: it has no {', '.join(missing)} (a folder written by "
+            "`python -m kvlab.train --export DIR` or kvlab.train.export_model holds model.safetensors, "
+            "config.json and tokenizer.json)" if folder.is_dir() else f"no exported kvlab model at {folder}: "
+            "no such folder")
     if missing:
         raise FileNotFoundError(
             f"the Shakespeare model is not at {folder} (missing {', '.join(missing)}); it ships in the course "

@@ -33,7 +33,7 @@ from .data import get_batch
 from .gpt import GPT, GPTConfig
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "PRESET_TOKENIZERS", "History", "check_tensorboard", "configure_optimizer", "lr_at", "precision_for",
-           "estimate_loss", "evaluate_split", "train", "save_checkpoint", "load_checkpoint", "export_model"]
+           "estimate_loss", "read_checkpoint_header", "evaluate_split", "train", "save_checkpoint", "load_checkpoint", "export_model"]
 
 
 @dataclass
@@ -285,6 +285,40 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizer: torch.optim.
     return path
 
 
+def _checkpoint_meta(path: Path, metadata: dict) -> dict:
+    """A checkpoint's JSON metadata, checked, with its configs parsed (GPTConfig, TrainConfig, History)."""
+    try:
+        meta = json.loads(metadata.get("kvlab", "null") or "null")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a kvlab checkpoint: its kvlab metadata is not JSON (line {err.lineno}, "
+                         f"column {err.colno}: {err.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "kvlab-checkpoint-1":
+        raise ValueError(f"{path} is not a kvlab checkpoint (a safetensors file without kvlab's metadata)")
+    try:
+        meta["model_config"] = GPTConfig(**meta["model_config"])
+        meta["train_config"] = TrainConfig(**meta["train_config"]) if meta.get("train_config") else None
+        meta["history"] = History.from_dict(meta["history"]) if meta.get("history") else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid kvlab checkpoint: its stored configuration is damaged ({err})") from None
+    if not isinstance(meta.get("extra", {}), dict):
+        raise ValueError(f"{path} is not a valid kvlab checkpoint: its 'extra' is not a JSON object")
+    meta.setdefault("step", 0)
+    meta.setdefault("extra", {})
+    return meta
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> dict:
+    """What a checkpoint says about itself, without loading a tensor: "step", "model_config" (a
+    GPTConfig), "train_config", "history" and "extra" (e.g. the tokenizer). How the command line
+    checks a run folder before any work. Built in chapter 6."""
+    from .files import read_safetensors_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return _checkpoint_meta(path, read_safetensors_metadata(path, "kvlab checkpoint"))
+
+
 def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Read a checkpoint; load it into `model` (and `optimizer`) when given; return its contents.
@@ -301,19 +335,8 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
         raise FileNotFoundError(f"no checkpoint at {path}")
     # Everything is read and checked before the model or the optimizer is touched.
     tensors, metadata = read_safetensors(path, "kvlab checkpoint")
-    try:
-        meta = json.loads(metadata.get("kvlab", "null") or "null")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not a kvlab checkpoint: its kvlab metadata is not JSON (line {err.lineno}, "
-                         f"column {err.colno}: {err.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "kvlab-checkpoint-1":
-        raise ValueError(f"{path} is not a kvlab checkpoint (a safetensors file without kvlab's metadata)")
-    try:
-        config = GPTConfig(**meta["model_config"])
-        train_config = TrainConfig(**meta["train_config"]) if meta.get("train_config") else None
-        history = History.from_dict(meta["history"]) if meta.get("history") else None
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid kvlab checkpoint: its stored configuration is damaged ({err})") from None
+    meta = _checkpoint_meta(path, metadata)
+    config, train_config, history = meta["model_config"], meta["train_config"], meta["history"]
     if model is not None and model.config != config:
         diffs = [f"{k}: checkpoint has {getattr(config, k)!r}, model has {getattr(model.config, k)!r}"
                  for k in config.to_dict() if getattr(config, k) != getattr(model.config, k)]
@@ -338,9 +361,9 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
                 opt_state.setdefault(int(idx), {})[key] = v
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_param_groups"]})
     return {
-        "model": model, "model_config": config, "step": meta.get("step", 0),
+        "model": model, "model_config": config, "step": meta["step"],
         "train_config": train_config, "history": history,
-        "extra": meta.get("extra", {}), "scaler": meta.get("scaler"),
+        "extra": meta["extra"], "scaler": meta.get("scaler"),
         "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")},
     }
 
@@ -531,7 +554,7 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
     return history
 
 
-# -- evaluation on a whole split, export, command line -----------------------------------------
+# -- evaluation on a whole split, export; the command line is kvlab.train_cli -----------------------------------------
 
 
 @torch.no_grad()
@@ -588,200 +611,17 @@ def export_model(out_dir: str | os.PathLike, model: GPT, tokenizer, record: dict
 
 
 def build_parser():
-    """The command line of `python -m kvlab.train`."""
-    import argparse
+    """The command line of `python -m kvlab.train` (kept in `kvlab.train_cli`)."""
+    from .train_cli import build_parser
 
-    from ._cli import positive_float, positive_int
-
-    def dropout(text: str) -> float:
-        value = float(text)
-        if not 0.0 <= value < 1.0:
-            raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-        return value
-
-    parser = argparse.ArgumentParser(
-        prog="python -m kvlab.train",
-        description="Train a GPT on Tiny Shakespeare with kvlab's training loop, on characters or on BPE tokens. "
-                    "A preset gives the model and the training run; every flag below overrides it. Run under "
-                    "torchrun for data-parallel training.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""presets:
-  shakespeare-char   6 x 192, 6 heads, context 192, characters (a deeper, narrower variant for a GPU)
-  shakespeare-cpu    4 x 256, RoPE + sliding window, characters (the shipped data/shakespeare model)
-  shakespeare-bpe-cpu  the same model on BPE with 1024 tokens (the shipped data/shakespeare_bpe model)
-  quick              2 x 64, characters (about a minute on a CPU)
-  bpe-6x384          6 x 384, 6 heads, context 256, dropout 0.2, BPE with 1024 tokens (a GPU run)
-  modern-12x768      12 x 768, RMSNorm + SwiGLU, context 256, dropout 0.2, BPE with 1024 tokens (a GPU run)
-
-examples:
-  python -m kvlab.train --preset quick
-  python -m kvlab.train --preset bpe-6x384 --device cuda --export runs/bpe-model
-  python -m kvlab.train --preset quick --tokenizer bpe --vocab-size 512 --epochs 0.5
-  python -m kvlab.train --preset quick --d-model 128 --n-layers 4 --n-heads 4 --norm rmsnorm --mlp swiglu --pos rope
-  python -m kvlab.generate --model runs/quick/checkpoint.safetensors --prompt "ROMEO:"
-""")
-    parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="shakespeare-cpu",
-                        help="model and training configuration (default: shakespeare-cpu, the shipped model's)")
-    parser.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<preset>)")
-    parser.add_argument("--data", default=None, help="a local Tiny Shakespeare input.txt (checksum-verified)")
-    tok = parser.add_argument_group("tokens")
-    tok.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
-                     help="characters, or a byte-level BPE trained on the training split (default: the preset's)")
-    tok.add_argument("--vocab-size", type=positive_int, default=None,
-                     help="BPE vocabulary size, >= 256 (default: the preset's, or 1024); --tokenizer bpe only")
-    model = parser.add_argument_group("model (each overrides the preset)")
-    model.add_argument("--d-model", type=positive_int, help="width of the residual stream")
-    model.add_argument("--n-layers", type=positive_int, help="transformer blocks")
-    model.add_argument("--n-heads", type=positive_int, help="attention heads (must divide --d-model)")
-    model.add_argument("--n-kv-heads", type=positive_int, help="key/value heads (fewer = grouped-query attention)")
-    model.add_argument("--max-seq-len", type=positive_int,
-                       help="context length; also the training window unless --block-size is given")
-    model.add_argument("--dropout", type=dropout, help="dropout probability during training")
-    model.add_argument("--norm", choices=["layernorm", "rmsnorm"])
-    model.add_argument("--mlp", choices=["gelu", "swiglu"])
-    model.add_argument("--pos", choices=["learned", "rope"])
-    model.add_argument("--window", type=positive_int, help="sliding attention window (with --pos rope: generates "
-                                                            "past the context)")
-    run = parser.add_argument_group("training (each overrides the preset)")
-    length = run.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=positive_int, help="optimizer steps")
-    length.add_argument("--epochs", type=positive_float,
-                        help="passes over the training tokens (may be fractional); sets the number of steps")
-    run.add_argument("--batch-size", type=positive_int, help="windows per micro-batch")
-    run.add_argument("--block-size", type=positive_int, help="tokens per training window (<= --max-seq-len)")
-    run.add_argument("--lr", type=positive_float, help="peak learning rate")
-    run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    run.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    run.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after this many steps")
-    run.add_argument("--export", default=None, help="write the finished model, tokenizer and record here")
-    run.add_argument("--tensorboard", action="store_true",
-                     help="log to <out>/tensorboard (needs: pip install tensorboard)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+    return build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.train`: train a GPT (characters or BPE) on Tiny Shakespeare."""
-    import platform
+    """`python -m kvlab.train`: train a GPT (characters or BPE) on Tiny Shakespeare (see `kvlab.train_cli`)."""
+    from .train_cli import main
 
-    from .data import load_shakespeare_text, train_val_split
-    from .device import describe_device, pick_device
-    from .tokenizers import BPETokenizer, CharTokenizer, tokenizer_state
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.tensorboard:
-        try:
-            check_tensorboard()
-        except ImportError as err:
-            parser.error(f"--tensorboard: {err}")
-
-    # -- every setting checked before the text is read or a model is built --------------------
-    model_kwargs, train_kwargs = TRAIN_PRESETS[args.preset]
-    kind, preset_vocab = PRESET_TOKENIZERS.get(args.preset, ("char", None))
-    kind = args.tokenizer or kind
-    if kind == "char" and args.vocab_size is not None:
-        parser.error("--vocab-size is for --tokenizer bpe (a character vocabulary is the text's characters)")
-    bpe_vocab = args.vocab_size or preset_vocab or 1024
-    if kind == "bpe" and bpe_vocab < 256:
-        parser.error(f"--vocab-size must be >= 256 (the 256 byte tokens), got {bpe_vocab}")
-    model_overrides = {"d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
-                       "n_kv_heads": args.n_kv_heads, "max_seq_len": args.max_seq_len, "dropout": args.dropout,
-                       "norm": args.norm, "mlp": args.mlp, "pos": args.pos, "window": args.window}
-    model_kwargs = {**model_kwargs, **{k: v for k, v in model_overrides.items() if v is not None}}
-    if args.n_heads is not None and args.n_kv_heads is None:
-        model_kwargs.pop("n_kv_heads", None)
-    if args.d_model is not None and args.n_heads is None and args.d_model % model_kwargs["n_heads"]:
-        parser.error(f"--d-model {args.d_model} is not divisible by the preset's {model_kwargs['n_heads']} heads; "
-                     "give --n-heads too")
-    if args.d_model is not None or args.mlp is not None:
-        model_kwargs.pop("d_ff", None)  # a preset's MLP width follows its own d_model and MLP
-    try:
-        GPTConfig(**{**model_kwargs, "vocab_size": 256 if kind == "bpe" else 65})  # shape checks, before any work
-    except (TypeError, ValueError) as err:
-        parser.error(f"model configuration: {err}")
-    overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
-                 "precision": args.precision, "block_size": args.block_size}
-    train_kwargs = {**train_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
-    if args.block_size is None:
-        train_kwargs["block_size"] = min(train_kwargs["block_size"], model_kwargs["max_seq_len"])
-    if train_kwargs["block_size"] > model_kwargs["max_seq_len"]:
-        parser.error(f"--block-size {train_kwargs['block_size']} exceeds the context (--max-seq-len "
-                     f"{model_kwargs['max_seq_len']})")
-    train_kwargs.update(compile=args.compile, tensorboard=args.tensorboard, progress=not args.no_progress)
-    try:
-        cfg = TrainConfig(**train_kwargs)
-    except ValueError as err:
-        parser.error(str(err))
-    out_dir = Path(args.out or f"runs/{args.preset}")
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        device = pick_device(args.device)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-
-    text = load_shakespeare_text(args.data)
-    train_text, val_text = train_val_split(text)
-    if kind == "bpe":
-        tokenizer = BPETokenizer.train(train_text, vocab_size=bpe_vocab)  # the same on every rank: deterministic
-    else:
-        tokenizer = CharTokenizer.from_text(train_text)
-    train_ids = torch.tensor(tokenizer.encode(train_text))
-    val_ids = torch.tensor(tokenizer.encode(val_text))
-    if args.epochs is not None:
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-        cfg.max_steps = max(1, math.ceil(args.epochs * len(train_ids) / tokens_per_step))
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**{**model_kwargs, "vocab_size": tokenizer.vocab_size}))
-    if rank == 0:
-        epochs = cfg.max_steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / len(train_ids)
-        print(f"{args.preset}: {model.num_params():,} parameters, {kind} tokenizer ({tokenizer.vocab_size} tokens), "
-              f"{len(train_ids):,} training tokens, {cfg.max_steps} steps ({epochs:.2f} epochs), "
-              f"{describe_device(device)}, precision {precision_for(device, cfg.precision)}, {world} process(es)")
-    resume = out_dir / "checkpoint.safetensors" if args.resume else None
-    start = time.perf_counter()
-    history = train(model, train_ids, val_ids, cfg, device=device, out_dir=out_dir, resume_from=resume,
-                    stop_after=args.stop_after,
-                    extra={"tokenizer": tokenizer_state(tokenizer), "preset": args.preset})
-    wall = time.perf_counter() - start
-    if rank == 0:
-        train_loss = evaluate_split(model, train_ids[: len(val_ids)], cfg.block_size, device=device)
-        val_loss = evaluate_split(model, val_ids, cfg.block_size, device=device)
-        if kind == "char":  # one token per character: nats per token are nats per character
-            losses = {"train_nats_per_char": round(train_loss, 4), "val_nats_per_char": round(val_loss, 4)}
-        else:
-            train_chars = len(tokenizer.decode(train_ids[: len(val_ids)].tolist()))
-            losses = {"train_nats_per_token": round(train_loss, 4), "val_nats_per_token": round(val_loss, 4),
-                      # the same losses spread over the characters (comparable with a character model)
-                      "train_nats_per_char_approx": round(train_loss * len(val_ids) / train_chars, 4),
-                      "val_nats_per_char_approx": round(val_loss * len(val_ids) / len(val_text), 4)}
-        record = {
-            "preset": args.preset, "tokenizer": kind, "vocab_size": tokenizer.vocab_size,
-            "parameters": model.num_params(), "steps": history.steps[-1] if history.steps else 0,
-            "tokens_seen": history.tokens[-1] if history.tokens else 0,
-            "wall_time_s": round(history.elapsed[-1] if history.elapsed else wall, 1),
-            "hardware": f"{describe_device(device)} ({platform.processor() or platform.machine()}), {world} process(es)",
-            "precision": precision_for(device, cfg.precision), "torch": torch.__version__, **losses,
-            "eval": f"evaluate_split over consecutive {cfg.block_size}-token windows "
-                    "(train: its first len(val) tokens; val: the last 10% of the text)",
-            "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
-        }
-        print(json.dumps({k: v for k, v in record.items() if k not in ("train_config", "model_config")}, indent=2))
-        if args.export:
-            export_model(args.export, model, tokenizer, record)
-            print(f"exported to {args.export}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return 0
+    return main(argv)
 
 
 if __name__ == "__main__":

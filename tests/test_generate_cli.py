@@ -53,7 +53,7 @@ def test_stops_at_the_context(exported, capsys):
     (["--min-p", "2"], "min-p"),
     (["--top-k", "-2"], "top-k"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
-    (["--model", "gpt5"], "--model must be"),
+    (["--model", "gpt5"], "--model 'gpt5': no such model"),
 ])
 def test_bad_flags_get_argparse_errors(exported, capsys, flags, message):
     folder, _, _ = exported
