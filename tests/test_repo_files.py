@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,12 +49,35 @@ def shipped_on_disk() -> list[str]:
 def test_package_data_covers_exactly_the_shipped_files():
     tool = PYPROJECT["tool"]["setuptools"]
     assert tool["package-dir"]["kvlab._data"] == "data"
-    patterns = tool["package-data"]["kvlab._data"]
-    matched = sorted({p.relative_to(ROOT / "data").as_posix() for pattern in patterns
-                      for p in (ROOT / "data").glob(pattern) if p.is_file()})
+    # Every shipped folder is a data package of its own (kvlab._data.<folder>), listed in packages.
+    data_packages = {f"kvlab._data.{Path(folder).name}" for folder in kdata.SHIPPED_DIRS}
+    assert data_packages <= set(tool["packages"])
+    assert set(tool["package-data"]) == data_packages
+    matched = sorted({p.relative_to(ROOT / "data").as_posix()
+                      for package, patterns in tool["package-data"].items() for pattern in patterns
+                      for p in (ROOT / "data" / package.rsplit(".", 1)[1]).glob(pattern) if p.is_file()})
     assert matched == shipped_on_disk(), (
-        "pyproject.toml's package-data for kvlab._data must match every file under data/shakespeare and "
-        "data/bench except the READMEs (and nothing else, e.g. not data/tinyshakespeare)")
+        "pyproject.toml's package-data must match every file in the shipped data folders except the "
+        "READMEs (and nothing else, e.g. not data/tinyshakespeare)")
+
+
+def test_license_is_an_spdx_string():
+    # The TOML-table form is deprecated by setuptools (an error from 2027).
+    assert PYPROJECT["project"]["license"] == "MIT"
+    assert any(r.startswith("setuptools>=77") for r in PYPROJECT["build-system"]["requires"])
+
+
+def test_building_the_package_prints_no_setuptools_warning(tmp_path):
+    # What a reader's `pip install` prints: no deprecation, no data folder "absent from packages".
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for warning in ("SetuptoolsDeprecationWarning", "is absent from the `packages` configuration"):
+        assert warning not in log, warning
+    wheel = zipfile.ZipFile(next(tmp_path.glob("kvlab-*.whl")))
+    shipped = sorted(n.removeprefix("kvlab/_data/") for n in wheel.namelist() if n.startswith("kvlab/_data/"))
+    assert shipped == shipped_on_disk()
 
 
 def test_every_package_under_kvlab_is_listed():
