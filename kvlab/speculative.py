@@ -9,7 +9,9 @@ guesses to the *target* in one forward, and keep the guesses the target agrees w
 round then yields between 1 and k + 1 tokens for one target forward.
 
 Nothing is approximated. Under greedy decoding a guess is kept only if it is the target's own
-argmax, so the text is the target's greedy text token for token. Under sampling, guess x
+argmax, so the text is the target's greedy text token for token, in exact arithmetic: in floating
+point the (k + 1)-token verify forward rounds differently from one-token steps, so a near-tie
+between the two best logits can go the other way (chapter 10 counts how often). Under sampling, guess x
 (drawn from the draft's q) is kept with probability min(1, p(x) / q(x)); at the first
 rejection a token is drawn from max(0, p - q), renormalised; if all k are kept, a bonus token
 is drawn from the target's next distribution. Each emitted token then follows the target's
@@ -263,7 +265,8 @@ def speculative_generate(
     """Continue one prompt `idx` (1, T) by `max_new_tokens`, with `draft` guessing `k` tokens a round.
 
     `draft` is a smaller `kvlab.GPT` with the same vocabulary, or an `NGramDraft`. With
-    temperature=0 the result equals `kvlab.generate(target, idx, ..., temperature=0)`; otherwise
+    temperature=0 the result equals `kvlab.generate(target, idx, ..., temperature=0)` up to floating-point
+    rounding (a near-tie can flip); otherwise
     each token follows the target's distribution under the same temperature and filters. Pass a
     dict as `stats` to get acceptance_rate (kept guesses / guesses), tokens_per_target_forward
     (new tokens / target forwards, the prefill of all but the prompt's last token included), the counts behind them, total_s and
