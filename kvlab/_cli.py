@@ -124,6 +124,20 @@ class Parser(argparse.ArgumentParser):
         return super().parse_args(argv, namespace)
 
 
+def pick_device_or_exit(parser: argparse.ArgumentParser, name: str | None):
+    """`kvlab.pick_device(name)`, or a usage error naming --device when this machine lacks it."""
+    from .device import pick_device
+
+    try:
+        return pick_device(name)
+    except (TypeError, ValueError) as err:
+        missing = {"mps": "this machine has no MPS (Apple-silicon GPU)",
+                   "cuda": "this machine has no CUDA GPU (or this PyTorch was built without CUDA)"}
+        reason = missing.get(str(name).split(":")[0], str(err))
+        parser.error(f"--device {name}: {reason}; leave --device out to use the best one here "
+                     f"({pick_device().type})")
+
+
 # -- the model's shape flags (train and bench) --------------------------------------------------
 
 SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "d_ff", "norm", "mlp", "pos", "window")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import platform
 import statistics
 import time
@@ -31,7 +30,7 @@ from .cache import kv_cache_bytes
 from .device import describe_device, synchronize
 from .compiled import advance, compiled_decode_step, prepare_cache
 from .generate import decode_step, next_token, prefill
-from .gpt import GPT, GPTConfig
+from .gpt import GPT
 from .speedups import measured_linears
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
@@ -383,150 +382,13 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot)."""
-    import argparse
+    """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot).
 
-    from ._cli import positive_ints as ints
-    from .device import pick_device
+    The command line lives in `kvlab.bench_cli` (its flags, their checks, --serving,
+    --speedup-table, --beyond)."""
+    from .bench_cli import main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m kvlab.bench",
-        description="Time generation with and without the KV cache: time to first token (prefill), time per "
-                    "output token, throughput and peak memory, swept over batch size, prompt length and new "
-                    "tokens. Greedy decoding, random weights of the chosen shape (speed does not depend on "
-                    "the values). Results go to a JSON file; --plot also draws them.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""sweeps: every combination of --batch-sizes x --prompt-lens x --new-tokens x cached/uncached is
-run (--warmup untimed runs, then --repeats timed ones; medians with min and max are reported).
-
-examples:
-  python -m kvlab.bench --batch-sizes 1,8 --hf --cache on           kvlab vs Hugging Face (both its caches), same weights
-  python -m kvlab.bench --prompt-lens 32,128,512 --new-tokens 32 --cache on
-                                                                    time to first token vs prompt length
-  python -m kvlab.bench --new-tokens 1024 --max-seq-len 1056 --cache on
-                                                                    a 1024-token per-token trace
-  python -m kvlab.bench --dtype bfloat16 --hf                       the 16-bit path
-  python -m kvlab.bench --device cuda --hf --compile --cache on --batch-sizes 1,8
-                                                                    on a GPU, with the compiled (CUDA graph) step
-chapter 5's recorded runs: bash scripts/record_bench_cpu.sh""")
-    parser.add_argument("--model", default="gpt2", help="a GPTConfig preset (default: gpt2, the 124M shape)")
-    parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="override the preset's context length (e.g. 1056 for a 32-token prompt + 1024 new "
-                             "tokens on the GPT-2 shape; a longer position table costs no time)")
-    parser.add_argument("--batch-sizes", type=ints, default=[1], help="comma-separated, e.g. 1,8 (default 1)")
-    parser.add_argument("--prompt-lens", type=ints, default=[32], help="comma-separated (default 32)")
-    parser.add_argument("--new-tokens", type=ints, default=[128], help="comma-separated (default 128)")
-    parser.add_argument("--cache", choices=["both", "on", "off"], default="both",
-                        help="time cached, uncached or both (default both)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--hf", action="store_true",
-                        help="also time Hugging Face generate on the same weights, with its default (dynamic) cache "
-                             "and with cache_implementation='static', both eager (GPT-2 shapes; needs transformers)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time kvlab.generate(..., compile=True): the decode step through torch.compile, "
-                             "with CUDA graphs on a GPU (the warm-up runs pay for compiling)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
-    parser.add_argument("--plot", default=None, help="also save a plot of the results here (PNG)")
-    # Chapter 9 (serving): a separate set of measurements, see run_serving.
-    parser.add_argument("--serving", action="store_true",
-                        help="instead of the sweep, run chapter 9's serving measurements (kvlab.serving_bench): "
-                             "throughput and KV memory against --serving-batch-sizes cached and uncached, the "
-                             "engine against one request at a time, reserved/used KV bytes, prefix sharing")
-    parser.add_argument("--serving-batch-sizes", type=ints, default=[1, 2, 4, 8, 16, 32],
-                        help="batch sizes for --serving (default 1,2,4,8,16,32)")
-    parser.add_argument("--serving-new-tokens", type=int, default=64,
-                        help="new tokens per row for --serving (default 64)")
-    parser.add_argument("--serving-uncached-budget", type=float, default=30.0,
-                        help="--serving stops the uncached side after a run longer than this many seconds (default 30)")
-    from .speedup import add_speedup_arguments, run_speedup_cli
-
-    add_speedup_arguments(parser)
-    # -- chapter 10: beam search, speculative decoding, the int8 cache (a separate run: --beyond) --
-    beyond = parser.add_argument_group(
-        "chapter 10 (--beyond)", "measure on the shipped Shakespeare model instead of sweeping: speculative greedy "
-        "decoding vs plain greedy (n-gram and model drafts, acceptance vs k), the int8 cache's bytes and quality, "
-        "and beam vs greedy on chapter 8's toy tasks; e.g. python -m kvlab.bench --beyond --threads 2 "
-        "--out data/bench/cpu_beyond.json")
-    beyond.add_argument("--beyond", action="store_true", help="run chapter 10's measurements and write them to --out")
-    beyond.add_argument("--beyond-ks", type=ints, default=[1, 2, 4, 8], help="draft tokens per round (default 1,2,4,8)")
-    beyond.add_argument("--beyond-new-tokens", type=int, default=256, help="greedy tokens per run (default 256)")
-    beyond.add_argument("--beyond-windows", type=int, default=200,
-                        help="128-character validation windows for the int8 cache's quality (default 200)")
-    args = parser.parse_args(argv)
-    if args.beyond:
-        return _beyond_main(args, argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        overrides = {} if args.max_seq_len is None else {"max_seq_len": args.max_seq_len}
-        config = GPTConfig.from_preset(args.model, **overrides)
-    except ValueError as err:
-        parser.error(str(err))
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = GPT(config).to(device=device, dtype=dtype).eval()
-    if args.serving:
-        return run_serving(model, args, argv)
-    if args.speedup_table:
-        return run_speedup_cli(args, parser, model, argv)
-    hf_model = None
-    if args.hf:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        from .pretrained import to_hf_gpt2_state_dict
-
-        hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.max_seq_len,
-                                              n_embd=config.d_model, n_layer=config.n_layers,
-                                              n_head=config.n_heads)).eval()
-        hf_model.load_state_dict(to_hf_gpt2_state_dict(model), strict=False)
-        hf_model.to(device=device, dtype=dtype)
-    use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
-    result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
-                   use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model,
-                   compile=args.compile)
-    if hf_model is not None:
-        import transformers
-
-        result["transformers"] = transformers.__version__
-    result["read_bandwidth_bytes_s"] = read_bandwidth(device)
-    result["decode_weight_bytes"] = decode_weight_bytes(model)
-    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    if args.plot:
-        from .viz import plot_bench
-
-        plot_bench(result).savefig(args.plot, dpi=120, bbox_inches="tight")
-        print(f"wrote {args.plot}")
-    return 0
-
-
-# -- chapter 9: serving ---------------------------------------------------------------------------
-
-def run_serving(model: GPT, args, argv: list[str] | None = None) -> int:
-    """`python -m kvlab.bench --serving`: chapter 9's measurements on `model`, written as JSON (and a plot).
-
-    Built in chapter 9."""
-    from .serving_bench import plot_serving, serving_bench
-
-    result = serving_bench(model, batch_sizes=args.serving_batch_sizes, prompt_len=args.prompt_lens[0],
-                           new_tokens=args.serving_new_tokens, uncached_budget_s=args.serving_uncached_budget)
-    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    for name, value in result["targets"].items():
-        print(f"{name}: {value:.3f}")
-    if args.plot:
-        plot_serving(result).savefig(args.plot, dpi=120, bbox_inches="tight")
-        print(f"wrote {args.plot}")
-    return 0
+    return main(argv)
 
 
 # -- chapter 10: beam search, speculative decoding, the int8 cache ------------------------------------
@@ -581,19 +443,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _beyond_main(args, argv) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = beyond(ks=args.beyond_ks, new_tokens=args.beyond_new_tokens, windows=args.beyond_windows,
-                    repeats=args.repeats)
-    result["note"] = ("one run on a machine shared with other jobs: absolute tokens/s are loaded numbers; the "
-                      "speed-ups are ratios within this run (plain and speculative interleaved)")
-    result["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

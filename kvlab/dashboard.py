@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--prompt", required=True, help="text the model continues (greedily)")
     parser.add_argument("--model", default="shakespeare",
-                        help="shakespeare, gpt2 (..-xl), an exported model folder or a training checkpoint")
+                        help="shakespeare, shakespeare-bpe, gpt2 (..-xl), an exported model folder or a training "
+                             "checkpoint (what python -m kvlab.generate takes)")
     parser.add_argument("--layer", type=non_negative_int, default=0, help="which block's attention (default 0)")
     parser.add_argument("--head", type=non_negative_int, default=0, help="which query head (default 0)")
     parser.add_argument("--kind", choices=["static", "dynamic", "sliding"], default="static",

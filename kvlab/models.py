@@ -22,7 +22,7 @@ import torch
 
 from .gpt import PRESETS, GPTConfig
 
-__all__ = ["SHIPPED", "MODEL_HELP", "SHAPE_HELP", "shape_names", "shape_config", "model_config", "load_model",
+__all__ = ["SHIPPED", "MODEL_HELP", "TRAINED_HELP", "SHAPE_HELP", "shape_names", "shape_config", "model_config", "load_model",
            "load_checkpoint_model"]
 
 SHIPPED = {"shakespeare": "char", "shakespeare-bpe": "bpe"}  # name -> load_shakespeare(tokenizer=...)
@@ -66,12 +66,17 @@ def _checkpoint_path(path: Path) -> Path | None:
     return None
 
 
+TRAINED_HELP = ("shakespeare, shakespeare-bpe (the shipped models), a folder written by `python -m kvlab.train "
+                "--export`, or a training checkpoint (runs/NAME/checkpoint.safetensors, or its run folder runs/NAME)")
+
+
 def _unknown(name: str, shapes: bool) -> ValueError:
-    extra = ""
-    if shapes:
-        gpt, train = shape_names()
-        extra = "; or " + SHAPE_HELP.format(", ".join(gpt), ", ".join(train))
-    return ValueError(f"--model {name!r}: no such model or file. --model takes {MODEL_HELP}{extra}")
+    if not shapes:
+        return ValueError(f"--model {name!r}: no such model or file. --model takes {MODEL_HELP}")
+    gpt, train = shape_names()
+    return ValueError(f"--model {name!r}: no such model or file. --model takes a trained model: {TRAINED_HELP}; or "
+                      + SHAPE_HELP.format(", ".join(gpt) + "; GPT-2's names are its shapes, no download",
+                                          ", ".join(train)))
 
 
 def model_config(name: str, *, shapes: bool = False) -> GPTConfig:
@@ -113,8 +118,8 @@ def _check_folder(name: str, folder: Path) -> None:
     missing = [f for f in ("model.safetensors", "config.json", "tokenizer.json") if not (folder / f).is_file()]
     if missing and name not in SHIPPED:
         raise FileNotFoundError(
-            f"--model {name}: the folder {folder} is not an exported kvlab model: it has no {', '.join(missing)}, "
-            f"and no {CHECKPOINT}. An exported folder holds model.safetensors, config.json and tokenizer.json "
+            f"--model {name}: the folder {folder} is not an exported kvlab model: missing {', '.join(missing)} "
+            f"(and it holds no {CHECKPOINT}). An exported folder holds model.safetensors, config.json and tokenizer.json "
             "(`python -m kvlab.train --export DIR` writes one); a run folder holds checkpoint.safetensors")
 
 

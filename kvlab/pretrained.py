@@ -251,7 +251,7 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, tokenizer: str = 
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing and path is not None:
         raise FileNotFoundError(
-            f"{folder} is not an exported kvlab model: it has no {', '.join(missing)} (a folder written by "
+            f"{folder} is not an exported kvlab model: missing {', '.join(missing)} (a folder written by "
             "`python -m kvlab.train --export DIR` or kvlab.train.export_model holds model.safetensors, "
             "config.json and tokenizer.json)" if folder.is_dir() else f"no exported kvlab model at {folder}: "
             "no such folder")

@@ -23,7 +23,8 @@ from .generate import generate
 from .gpt import GPT
 from .serving import Engine, mixed_workload
 
-__all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "serving_bench",
+__all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "fit_ranges",
+           "serving_bench",
            "plot_serving", "cpu_model_name"]
 
 
@@ -165,8 +166,15 @@ def serving_bench(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: i
                   uncached_budget_s: float = 30.0, n_requests: int = 32, max_batch_size: int = 16,
                   block_size: int = 16, prefix_len: int = 256, progress=print) -> dict:
     """All of chapter 9's measurements in one run, as a dict for JSON, labelled with the machine.
-    Built in chapter 9."""
+
+    The engine's request lengths (`fit_ranges`) and the shared prefix (whole blocks, at most
+    `prefix_len`) are sized to the model's context; the prefix part is skipped, and says so, when
+    not one block fits. Raises a ValueError before any work when `prompt_len + new_tokens` does
+    not fit. Built in chapter 9."""
     c = model.config
+    if prompt_len + new_tokens > c.max_seq_len:
+        raise ValueError(f"prompt_len ({prompt_len}) + new_tokens ({new_tokens}) = {prompt_len + new_tokens} exceeds "
+                         f"the model's max_seq_len={c.max_seq_len}")
     out = {
         "device": describe_device(model.device), "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -178,11 +186,23 @@ def serving_bench(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: i
     out["batch_sweep"] = batch_sweep(model, batch_sizes=batch_sizes, prompt_len=prompt_len, new_tokens=new_tokens,
                                      uncached_budget_s=uncached_budget_s, progress=progress)
     progress("-- the engine against one request at a time")
+    prompt_range, new_range = fit_ranges(c.max_seq_len)
     out["engine"] = engine_vs_sequential(model, n_requests=n_requests, max_batch_size=max_batch_size,
-                                         block_size=block_size, progress=progress)
-    progress("-- prefix sharing")
-    out["prefix"] = prefix_sharing_bytes(model, n_requests=16, prefix_len=prefix_len, block_size=block_size,
+                                         block_size=block_size, prompt_range=prompt_range, new_range=new_range,
                                          progress=progress)
+    # The shared prompt, its requests' own 16 tokens and 4 new ones must fit in the model's context:
+    # the prefix is cut to whole blocks that fit, and skipped when not even one block does.
+    fitting = (c.max_seq_len - _PREFIX_SUFFIX - _PREFIX_NEW) // block_size * block_size
+    prefix_len = min(prefix_len, fitting)
+    if prefix_len >= block_size:
+        progress(f"-- prefix sharing ({prefix_len}-token shared prompt)")
+        out["prefix"] = prefix_sharing_bytes(model, n_requests=16, prefix_len=prefix_len, suffix_len=_PREFIX_SUFFIX,
+                                             new_tokens=_PREFIX_NEW, block_size=block_size, progress=progress)
+    else:
+        reason = (f"skipped: the model's context of {c.max_seq_len} positions cannot hold a shared prompt of one "
+                  f"{block_size}-token block + {_PREFIX_SUFFIX} tokens of each request + {_PREFIX_NEW} new ones")
+        progress(f"-- prefix sharing {reason}")
+        out["prefix"] = {"skipped": reason, "prefix_ratio": None}
     out["targets"] = {
         "engine_speedup": out["engine"]["paged"]["speedup"],
         "paged_reserved_over_used": out["engine"]["paged"]["reserved_over_used"],
@@ -190,6 +210,21 @@ def serving_bench(model: GPT, *, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: i
         "prefix_shared_over_unshared": out["prefix"]["prefix_ratio"],
     }
     return out
+
+
+_PREFIX_SUFFIX, _PREFIX_NEW = 16, 4  # each request's own prompt tokens and new tokens after a shared prefix
+
+
+def fit_ranges(max_seq_len: int, prompt_range=(16, 64), new_range=(16, 64)) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The engine workload's (prompt, new-token) length ranges, shrunk so the longest request fits a
+    model of `max_seq_len` positions: unchanged when they fit, else each side gets half the context."""
+    if prompt_range[1] + new_range[1] <= max_seq_len:
+        return tuple(prompt_range), tuple(new_range)
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2 for a prompt and a new token, got {max_seq_len}")
+    p_hi = min(prompt_range[1], max_seq_len // 2)
+    n_hi = min(new_range[1], max_seq_len - p_hi)
+    return (min(prompt_range[0], p_hi), p_hi), (min(new_range[0], n_hi), n_hi)
 
 
 def plot_serving(result: dict):
@@ -224,7 +259,9 @@ def plot_serving(result: dict):
     p = result["prefix"]
     names = ["static\nreserved/used", "paged\nreserved/used", "prompt KV\nshared ÷ unshared"]
     values = [e["static"]["reserved_over_used"], e["paged"]["reserved_over_used"], p["prefix_ratio"]]
-    ax_bytes.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868"])
+    if values[-1] is None:  # prefix sharing skipped: the model's context was too short
+        names, values = names[:2], values[:2]
+    ax_bytes.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868"][: len(values)])
     ax_bytes.axhline(1.0, color="black", lw=0.8)
     for i, v in enumerate(values):
         ax_bytes.text(i, v, f"{v:.2f}", ha="center", va="bottom")

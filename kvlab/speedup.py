@@ -73,7 +73,8 @@ def speedup_table(model, lengths: Sequence[int] = DEFAULT_LENGTHS, *, prompt_len
     longest = prompt_len + max(lengths)
     if longest > model.config.max_seq_len:
         raise ValueError(f"prompt_len ({prompt_len}) + the longest length ({max(lengths)}) = {longest} exceeds the "
-                         f"model's max_seq_len={model.config.max_seq_len}; shorten them or use a longer context")
+                         f"model's max_seq_len={model.config.max_seq_len}; shorten them, or use a model with a longer "
+                         "context (max_seq_len=; python -m kvlab.bench: --max-seq-len)")
     say = progress or (lambda _: None)
     device = model.device
     g = torch.Generator().manual_seed(seed)
@@ -149,11 +150,14 @@ def speedup_markdown(table: dict, title: str | None = None) -> str:
 
 def add_speedup_arguments(parser) -> None:
     """The flags `python -m kvlab.bench` takes for the speed-up table."""
+    from ._cli import positive_ints
+
     group = parser.add_argument_group("speed-up table (--speedup-table)")
     group.add_argument("--speedup-table", action="store_true",
                        help="instead of a sweep: time cached vs uncached generation for each of --lengths new "
-                            "tokens, and write the speed-up table as JSON (--out) and Markdown (same name, .md)")
-    group.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                            "tokens, and write the speed-up table as JSON (--out) and Markdown (same name, .md); "
+                            "--plot draws tokens/s against the number of generated tokens, cached and uncached")
+    group.add_argument("--lengths", type=positive_ints, default=list(DEFAULT_LENGTHS),
                        help="new-token counts for --speedup-table, comma-separated (default 100,200,300,500)")
     group.add_argument("--clock", choices=["wall", "process"], default="wall",
                        help="wall: wall time between device syncs (default); process: CPU seconds this process used "
@@ -161,32 +165,28 @@ def add_speedup_arguments(parser) -> None:
     group.add_argument("--note", default=None, help="a remark stored with the table (e.g. how loaded the machine was)")
 
 
-def run_speedup_cli(args, parser, model, argv: list[str] | None) -> int:
-    """Run the table for parsed `args` on `model`; write JSON and Markdown. Returns the exit code."""
-    import sys
-
+def run_speedup_cli(args, parser, model, command: str) -> int:
+    """Run the table for parsed `args` on `model` (its lengths already checked against the model by
+    `kvlab.bench_cli`); write JSON, Markdown and, with --plot, the tokens/s chart. Returns the exit code."""
     try:
-        lengths = [int(v) for v in str(args.lengths).split(",") if v.strip()]
-    except ValueError:
-        parser.error(f"--lengths must be comma-separated positive integers, got {args.lengths!r}")
-    if not lengths or min(lengths) < 1:
-        parser.error(f"--lengths must be comma-separated positive integers, got {args.lengths!r}")
-    prompt_len = args.prompt_lens[0] if len(args.prompt_lens) == 1 else parser.error(
-        "--speedup-table takes one --prompt-lens value")
-    batch = args.batch_sizes[0] if len(args.batch_sizes) == 1 else parser.error(
-        "--speedup-table takes one --batch-sizes value")
-    try:
-        table = speedup_table(model, lengths, prompt_len=prompt_len, batch_size=batch, repeats=args.repeats,
-                              clock=args.clock)
+        table = speedup_table(model, args.lengths, prompt_len=args.prompt_lens[0], batch_size=args.batch_sizes[0],
+                              repeats=args.repeats, clock=args.clock)
     except ValueError as err:
         parser.error(str(err))
     if args.note:
         table["note"] = args.note
-    table["command"] = "python -m kvlab.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    table["model_name"] = args.model
+    table["command"] = command
     out = Path(args.out)
     out.write_text(json.dumps(table, indent=1) + "\n")
     md = out.with_suffix(".md")
-    md.write_text(speedup_markdown(table, title=f"KV cache speed-up, {args.model} shape"))
+    shape = " shape" if getattr(args, "random_weights", False) else ""
+    md.write_text(speedup_markdown(table, title=f"KV cache speed-up, {args.model}{shape}"))
     print(speedup_markdown(table))
     print(f"wrote {out} and {md}")
+    if args.plot:
+        from .viz import plot_speedup
+
+        plot_speedup(table).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
     return 0

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ._cli import SHAPE_FLAGS, Parser, add_shape_arguments, apply_shape_flags, positive_float, positive_int
+from ._cli import (SHAPE_FLAGS, Parser, add_shape_arguments, apply_shape_flags, pick_device_or_exit,
+                   positive_float, positive_int)
 from .gpt import GPT, GPTConfig
 from .train import (PRESET_TOKENIZERS, TRAIN_PRESETS, TrainConfig, evaluate_split, export_model, precision_for,
                     read_checkpoint_header, train)
@@ -146,16 +147,9 @@ def _settings(parser: Parser, args) -> tuple[str, int, dict, TrainConfig]:
 
 def _check_device(parser: Parser, args, cfg: TrainConfig) -> torch.device | None:
     """The device of a one-process run (None under torchrun, which assigns one per process)."""
-    from .device import pick_device
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
-    try:
-        device = pick_device(args.device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        best = pick_device()
-        parser.error(f"--device {args.device}: not available on this machine ({err}); leave --device out to "
-                     f"train on the best one here ({best.type})")
+    device = pick_device_or_exit(parser, args.device)
     _check_precision(parser, cfg, device)
     return device
 

@@ -96,6 +96,36 @@ def plot_bench(result: dict):
     return fig
 
 
+def plot_speedup(table: dict, ax=None):
+    """Tokens per second against the number of generated tokens, with and without the KV cache,
+    from a `kvlab.speedup.speedup_table` result (`python -m kvlab.bench --speedup-table --plot`).
+
+    Throughput is batch × new tokens / the generation's whole time. Without the cache every step
+    recomputes the whole sequence, so its rate falls as the text grows; with it the rate stays
+    nearly flat. Returns the Figure. Built in chapter 5.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(table, dict) or not table.get("rows"):
+        raise ValueError("table must be a dict returned by speedup_table (with 'rows')")
+    fig = ax.figure if ax is not None else plt.subplots(figsize=(6.4, 4.0))[1].figure
+    ax = ax if ax is not None else fig.axes[0]
+    rows = sorted(table["rows"], key=lambda r: r["new_tokens"])
+    lengths = [r["new_tokens"] for r in rows]
+    batch = table.get("batch_size", 1)
+    unit = "CPU second" if table.get("clock") == "process" else "second"
+    for key, label, style in (("cached_s", "KV cache", "o-"), ("uncached_s", "no cache", "s--")):
+        ax.plot(lengths, [batch * n / r[key] for n, r in zip(lengths, rows)], style, label=label)
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel(f"generated tokens per {unit}")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Throughput against length ({table.get('device', '')}, {table.get('dtype', '')}, "
+                 f"batch {batch}, prompt {table.get('prompt_len', '?')})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0, head: int = 0,
                         kind: str = "static", window: int | None = None, cache_len: int | None = None) -> list[dict]:
     """Record what one attention head sees at each decode step, for `animate_kv_dashboard`.

@@ -53,7 +53,7 @@ def test_a_sliding_cache_goes_past_the_context(exported, tmp_path):
     (["--window", "4"], "--window is for --kind sliding"),
     (["--steps", "30"], "context is 24"),
     (["--out", "kv.png"], ".gif"),
-    (["--model", "nowhere"], "--model must be"),
+    (["--model", "nowhere"], "--model 'nowhere': no such model"),
 ])
 def test_bad_flags(exported, tmp_path, capsys, flags, message):
     folder, _, _ = exported

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .._cli import Parser, non_negative_int, positive_int
+from .._cli import Parser, non_negative_int, pick_device_or_exit, positive_int
 from ..models import MODEL_HELP, load_checkpoint_model, load_model
 
 
@@ -217,15 +217,12 @@ def _eos_id(parser: Parser, tokenizer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..device import describe_device, pick_device
+    from ..device import describe_device
 
     parser = build_parser()
     args = parser.parse_args(argv)
     prompt = read_prompt(parser, args)
-    try:
-        device = pick_device(args.device)
-    except (TypeError, ValueError) as err:
-        parser.error(f"--device {args.device}: {err}")
+    device = pick_device_or_exit(parser, args.device)
     try:
         model, tokenizer = load(args.model, device)
         ids = tokenizer.encode(prompt)

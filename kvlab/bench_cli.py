@@ -1,0 +1,303 @@
+"""`python -m kvlab.bench`: the command line of `kvlab.bench` (the sweep, the speed-up table, chapter 9's
+serving measurements, chapter 10's measurements).
+
+`--model` takes what `python -m kvlab.generate` takes (the shipped models, exported folders,
+training checkpoints; GPT-2 names give GPT-2's shape with random weights, no download, since
+speed does not depend on the weights' values) and the shape presets of `GPTConfig` and of
+`kvlab.train`, which the shape flags of `python -m kvlab.train` (--d-model, --n-layers, ...)
+override. Every flag is checked against the model's configuration before a model is built or a
+clock started: a usage error (exit status 2) names the flag and what to do. Records store the
+command with `shlex.join`, so it can be pasted back into a shell. Built in chapter 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ._cli import (Parser, add_shape_arguments, apply_shape_flags, command_line, pick_device_or_exit, positive_int,
+                   positive_ints, shape_flags_given)
+from .gpt import GPT, GPTConfig
+
+__all__ = ["build_parser", "main"]
+
+EPILOG = """--model: a shape with random weights (speed does not depend on the values): a GPTConfig preset
+  (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, tiny-modern) or a training preset (quick, shakespeare-cpu,
+  shakespeare-bpe-cpu, shakespeare-char, bpe-6x384, modern-12x768), changed by the shape flags below; or a
+  trained model: shakespeare, shakespeare-bpe, a folder written by `python -m kvlab.train --export`, a training
+  checkpoint (runs/NAME/checkpoint.safetensors or runs/NAME). GPT-2 names are the shape: no download.
+
+sweeps: every combination of --batch-sizes x --prompt-lens x --new-tokens x cached/uncached is
+run (--warmup untimed runs, then --repeats timed ones; medians with min and max are reported).
+
+examples:
+  python -m kvlab.bench --batch-sizes 1,8 --hf --cache on           kvlab vs Hugging Face (both its caches), same weights
+  python -m kvlab.bench --prompt-lens 32,128,512 --new-tokens 32 --cache on
+                                                                    time to first token vs prompt length
+  python -m kvlab.bench --new-tokens 1024 --max-seq-len 1056 --cache on
+                                                                    a 1024-token per-token trace
+  python -m kvlab.bench --dtype bfloat16 --hf                       the 16-bit path
+  python -m kvlab.bench --device cuda --hf --compile --cache on --batch-sizes 1,8
+                                                                    on a GPU, with the compiled (CUDA graph) step
+  python -m kvlab.bench --speedup-table --model runs/quick --lengths 16,32 --prompt-lens 8 --plot speedup.png
+                                                                    the model you trained: speed-up and tokens/s
+  python -m kvlab.bench --model bpe-6x384 --d-model 512 --n-heads 8 --cache on
+                                                                    a training preset's shape, changed
+chapter 5's recorded runs: bash scripts/record_bench_cpu.sh"""
+
+
+def build_parser() -> Parser:
+    from .speedup import add_speedup_arguments
+
+    parser = Parser(
+        prog="python -m kvlab.bench",
+        description="Time generation with and without the KV cache: time to first token (prefill), time per "
+                    "output token, throughput and peak memory, swept over batch size, prompt length and new "
+                    "tokens. Greedy decoding, on a shape with random weights or on a trained model. Results go "
+                    "to a JSON file; --plot also draws them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--model", default=None,
+                        help="a shape preset or a trained model (see below; default: gpt2, the 124M shape)")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,8 (default 1)")
+    parser.add_argument("--prompt-lens", type=positive_ints, default=[32], help="comma-separated (default 32)")
+    parser.add_argument("--new-tokens", type=positive_ints, default=[128], help="comma-separated (default 128)")
+    parser.add_argument("--cache", choices=["both", "on", "off"], default="both",
+                        help="time cached, uncached or both (default both)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--hf", action="store_true",
+                        help="also time Hugging Face generate on the same weights, with its default (dynamic) cache "
+                             "and with cache_implementation='static', both eager (GPT-2 shapes; needs transformers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time kvlab.generate(..., compile=True): the decode step through torch.compile, "
+                             "with CUDA graphs on a GPU (the warm-up runs pay for compiling)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    parser.add_argument("--out", default="bench.json", help="JSON output path (default bench.json)")
+    parser.add_argument("--plot", default=None,
+                        help="also save a plot of the results here (PNG); with --speedup-table, tokens/s against "
+                             "the number of generated tokens, cached and uncached")
+    shape = parser.add_argument_group("shape (with a shape preset as --model; each overrides the preset)")
+    add_shape_arguments(shape, max_seq_len_help="the context length (e.g. 1056 for a 32-token prompt + 1024 new "
+                                                "tokens on the GPT-2 shape; a longer position table costs no time)")
+    # Chapter 9 (serving): a separate set of measurements, see run_serving.
+    serving = parser.add_argument_group("chapter 9 (--serving)")
+    serving.add_argument("--serving", action="store_true",
+                         help="instead of the sweep, run chapter 9's serving measurements (kvlab.serving_bench): "
+                              "throughput and KV memory against --serving-batch-sizes cached and uncached, the "
+                              "engine against one request at a time, reserved/used KV bytes, prefix sharing")
+    serving.add_argument("--serving-batch-sizes", type=positive_ints, default=[1, 2, 4, 8, 16, 32],
+                         help="batch sizes for --serving (default 1,2,4,8,16,32)")
+    serving.add_argument("--serving-new-tokens", type=positive_int, default=64,
+                         help="new tokens per row for --serving (default 64)")
+    serving.add_argument("--serving-uncached-budget", type=float, default=30.0,
+                         help="--serving stops the uncached side after a run longer than this many seconds "
+                              "(default 30)")
+    add_speedup_arguments(parser)
+    # -- chapter 10: beam search, speculative decoding, the int8 cache (a separate run: --beyond) --
+    beyond = parser.add_argument_group(
+        "chapter 10 (--beyond)", "measure on the shipped Shakespeare model instead of sweeping: speculative greedy "
+        "decoding vs plain greedy (n-gram and model drafts, acceptance vs k), the int8 cache's bytes and quality, "
+        "and beam vs greedy on chapter 8's toy tasks; e.g. python -m kvlab.bench --beyond --threads 2 "
+        "--out data/bench/cpu_beyond.json")
+    beyond.add_argument("--beyond", action="store_true", help="run chapter 10's measurements and write them to --out")
+    beyond.add_argument("--beyond-ks", type=positive_ints, default=[1, 2, 4, 8],
+                        help="draft tokens per round (default 1,2,4,8)")
+    beyond.add_argument("--beyond-new-tokens", type=positive_int, default=256, help="greedy tokens per run (default 256)")
+    beyond.add_argument("--beyond-windows", type=positive_int, default=200,
+                        help="128-character validation windows for the int8 cache's quality (default 200)")
+    return parser
+
+
+def _config(parser: Parser, args) -> tuple[GPTConfig, bool]:
+    """The model's configuration, read without building it, and whether it is a shape (random weights)."""
+    from .models import model_config, shape_config
+
+    kwargs = shape_config(args.model)
+    if kwargs is not None:
+        try:
+            return GPTConfig(**apply_shape_flags(kwargs, args)), True
+        except (TypeError, ValueError) as err:
+            parser.error(f"--model {args.model} with the shape flags: {err}")
+    given = shape_flags_given(args)
+    try:
+        config = model_config(args.model, shapes=True)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    if given:
+        parser.error(f"{', '.join(given)}: --model {args.model} is a trained model, whose weights fix its shape; "
+                     "the shape flags change a shape preset (e.g. --model gpt2 or --model quick)")
+    return config, False
+
+
+def _context_error(parser: Parser, what: str, needed: int, config: GPTConfig, random_weights: bool) -> None:
+    fix = (f"lower them, or pass --max-seq-len {needed} (a longer context costs no time)" if random_weights else
+           "lower them (a trained model's context is fixed by its weights)")
+    parser.error(f"{what} = {needed} positions exceeds the model's context of {config.max_seq_len}: {fix}")
+
+
+def _check_fits(parser: Parser, args, config: GPTConfig, random_weights: bool) -> None:
+    """Every length the chosen measurement needs, against the model's context."""
+    L = config.max_seq_len
+    if args.serving:
+        needed = args.prompt_lens[0] + args.serving_new_tokens
+        if needed > L:
+            _context_error(parser, f"--prompt-lens {args.prompt_lens[0]} + --serving-new-tokens "
+                                   f"{args.serving_new_tokens}", needed, config, random_weights)
+        if L < 4:
+            parser.error(f"--serving needs a model with a context of at least 4 positions, got {L}")
+    elif args.speedup_table:
+        if len(args.prompt_lens) != 1:
+            parser.error("--speedup-table takes one --prompt-lens value")
+        if len(args.batch_sizes) != 1:
+            parser.error("--speedup-table takes one --batch-sizes value")
+        needed = args.prompt_lens[0] + max(args.lengths)
+        if needed > L:
+            _context_error(parser, f"--prompt-lens {args.prompt_lens[0]} + the longest of --lengths "
+                                   f"{max(args.lengths)}", needed, config, random_weights)
+    else:
+        needed = max(args.prompt_lens) + max(args.new_tokens)
+        if needed > L:
+            _context_error(parser, f"the longest --prompt-lens {max(args.prompt_lens)} + --new-tokens "
+                                   f"{max(args.new_tokens)}", needed, config, random_weights)
+        gpt2_like = (config.norm, config.mlp, config.pos, config.bias, config.tie_embeddings, config.n_kv_heads) == \
+            ("layernorm", "gelu", "learned", True, True, config.n_heads)
+        if args.hf and not gpt2_like:
+            parser.error(f"--hf compares with Hugging Face's GPT-2, which needs a GPT-2-style model (layernorm, "
+                         f"gelu, learned positions, biases, tied embeddings, no grouped-query attention); "
+                         f"--model {args.model} is not one")
+    _check_outputs(parser, args)
+
+
+def _check_outputs(parser: Parser, args) -> None:
+    """--out and --plot must be writable where they point, and --plot an image format matplotlib
+    writes: found now, not after the measurements."""
+    for flag, value in (("--out", args.out), ("--plot", args.plot)):
+        if value is not None and not Path(value).resolve().parent.is_dir():
+            parser.error(f"{flag} {value}: the folder {Path(value).parent} does not exist")
+    suffix = Path(args.plot).suffix.lower().lstrip(".") if args.plot else ""
+    if suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            parser.error(f"--plot {args.plot}: matplotlib cannot write .{suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def _model(args, config: GPTConfig, random_weights: bool, device: torch.device) -> GPT:
+    if random_weights:
+        torch.manual_seed(0)
+        model = GPT(config)
+    else:
+        from .models import load_model
+
+        model = load_model(args.model, device)[0]
+    return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = command_line("kvlab.bench", argv)
+    if args.beyond:
+        if args.model is not None or shape_flags_given(args):
+            parser.error("--beyond measures the shipped Shakespeare models; leave out --model and the shape flags")
+        return _beyond_main(args, command)
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.serving and args.speedup_table:
+        parser.error("--serving and --speedup-table are separate runs; choose one")
+    args.model = args.model or "gpt2"
+    config, random_weights = _config(parser, args)
+    args.random_weights = random_weights
+    _check_fits(parser, args, config, random_weights)
+    device = pick_device_or_exit(parser, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = _model(args, config, random_weights, device)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    if args.serving:
+        return run_serving(model, args, command)
+    if args.speedup_table:
+        from .speedup import run_speedup_cli
+
+        return run_speedup_cli(args, parser, model, command)
+    return _run_sweep(model, args, command)
+
+
+def _write(result: dict, args, command: str) -> None:
+    result["command"] = command
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _run_sweep(model: GPT, args, command: str) -> int:
+    from .bench import decode_weight_bytes, read_bandwidth, sweep
+
+    hf_model = None
+    if args.hf:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from .pretrained import to_hf_gpt2_state_dict
+
+        c = model.config
+        hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
+                                              n_layer=c.n_layers, n_head=c.n_heads)).eval()
+        hf_model.load_state_dict(to_hf_gpt2_state_dict(model), strict=False)
+        hf_model.to(device=model.device, dtype=getattr(torch, args.dtype))
+    use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
+    result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
+                   use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model,
+                   compile=args.compile)
+    if hf_model is not None:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    result["read_bandwidth_bytes_s"] = read_bandwidth(model.device)
+    result["decode_weight_bytes"] = decode_weight_bytes(model)
+    result["model_name"] = args.model
+    _write(result, args, command)
+    if args.plot:
+        from .viz import plot_bench
+
+        plot_bench(result).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def run_serving(model: GPT, args, command: str) -> int:
+    """`python -m kvlab.bench --serving`: chapter 9's measurements on `model`, written as JSON (and a plot).
+
+    Built in chapter 9."""
+    from .serving_bench import plot_serving, serving_bench
+
+    result = serving_bench(model, batch_sizes=args.serving_batch_sizes, prompt_len=args.prompt_lens[0],
+                           new_tokens=args.serving_new_tokens, uncached_budget_s=args.serving_uncached_budget)
+    _write(result, args, command)
+    for name, value in result["targets"].items():
+        print(f"{name}: {value:.3f}" if value is not None else f"{name}: skipped")
+    if args.plot:
+        plot_serving(result).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _beyond_main(args, command: str) -> int:
+    from .bench import beyond
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = beyond(ks=args.beyond_ks, new_tokens=args.beyond_new_tokens, windows=args.beyond_windows,
+                    repeats=args.repeats)
+    result["note"] = ("one run on a machine shared with other jobs: absolute tokens/s are loaded numbers; the "
+                      "speed-ups are ratios within this run (plain and speculative interleaved)")
+    _write(result, args, command)
+    return 0
