@@ -135,3 +135,99 @@ def test_modern_style_matches_hugging_face_llama():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
     expected = hf.generate(x[:, :10], max_new_tokens=50, do_sample=False, pad_token_id=0)
     assert torch.equal(kvlab.generate(model, x[:, :10], 50, temperature=0), expected)
+
+
+# -- sinusoidal positions (seed 001's PositionalEncoding) -------------------------------------------
+
+
+def test_sinusoidal_positions_are_a_fixed_table_neither_trained_nor_saved():
+    model = make_model("gpt2", pos="sinusoidal")
+    table = kvlab.layers.sinusoidal_positions(320, 32)
+    torch.testing.assert_close(model.pos_emb.weight, table)
+    assert not any("pos_emb" in name for name, _ in model.named_parameters())
+    assert "pos_emb.weight" not in model.state_dict()
+    learned = make_model("gpt2")
+    assert model.num_params() == learned.num_params() - learned.pos_emb.weight.numel()
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - model.tok_emb.weight.numel()
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    x = model.tok_emb(idx) + table[:6]  # tokens plus the table's rows, then the blocks as usual
+    for block in model.blocks:
+        x = block(x)
+    torch.testing.assert_close(model(idx), model.lm_head(model.norm_f(x)))
+    with pytest.raises(ValueError, match="max_seq_len=320"):  # the table ends where the context does
+        model(torch.zeros(1, 321, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_sinusoidal_cached_generation_equals_uncached(kind):
+    model = make_model("gpt2", pos="sinusoidal")
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    naive = kvlab.generate(model, idx, 40, temperature=0, use_cache=False)
+    cache = model.new_cache(2, kind=kind) if kind == "dynamic" else None
+    cached = kvlab.generate(model, idx, 40, temperature=0, cache=cache)
+    assert torch.equal(naive, cached)
+    assert len(set(cached[0, 7:].tolist())) > 3  # varied tokens: a position bug would change them
+    # the same logits whichever way positions arrive: all at once, or one token at a time through a cache
+    with torch.inference_mode():
+        full = model(naive)
+        step_cache = model.new_cache(2)
+        steps = torch.cat([model(naive[:, t:t + 1], step_cache) for t in range(naive.size(1))], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+
+
+def test_sinusoidal_model_round_trips_through_a_checkpoint(tmp_path):
+    from kvlab.train import load_checkpoint, save_checkpoint
+
+    model = make_model("gpt2", pos="sinusoidal")
+    path = save_checkpoint(tmp_path / "c.safetensors", model)
+    again = load_checkpoint(path)["model"].eval()
+    idx = torch.tensor([[1, 2, 3]])
+    assert again.config.pos == "sinusoidal" and torch.equal(again(idx), model(idx))
+
+
+# -- the training loss from forward (nanoGPT's `logits, loss = model(idx, targets)`) -------------------
+
+
+def test_forward_with_targets_returns_logits_and_the_mean_cross_entropy(model):
+    g = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 97, (3, 9), generator=g), torch.randint(0, 97, (3, 9), generator=g)
+    logits, loss = model(idx, targets=targets)
+    assert torch.equal(logits, model(idx))  # without targets: the logits alone, as before
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, expected)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    ignored = targets.clone()
+    ignored[:, :4] = -100  # positions not to learn from
+    _, partial = model(idx, targets=ignored)
+    torch.testing.assert_close(partial, torch.nn.functional.cross_entropy(logits[:, 4:].flatten(0, 1),
+                                                                          targets[:, 4:].flatten()))
+
+
+def test_targets_keep_the_cache_api(model):
+    idx = torch.tensor([[5, 6, 7, 8]])
+    cache = model.new_cache(1)
+    logits, loss = model(idx, cache, targets=torch.tensor([[6, 7, 8, 9]]))
+    assert cache.length == 4 and loss.item() > 0
+    step = model(torch.tensor([[9]]), cache)  # a decode step still returns the logits only
+    assert isinstance(step, torch.Tensor) and step.shape == (1, 1, 97)
+
+
+@pytest.mark.parametrize("targets, error, match", [
+    ([[1, 2, 3]], TypeError, "targets must be a torch.Tensor"),
+    (torch.tensor([[1.0, 2.0, 3.0]]), TypeError, "integer token ids"),
+    (torch.tensor([[1, 2]]), ValueError, r"idx's shape \(1, 3\)"),
+    (torch.tensor([[1, 2, 97]]), ValueError, r"\[0, 96\] or -100"),
+    (torch.tensor([[1, -1, 2]]), ValueError, "or -100"),
+])
+def test_bad_targets(model, targets, error, match):
+    with pytest.raises(error, match=match):
+        model(torch.tensor([[1, 2, 3]]), targets=targets)
+
+
+def test_sinusoidal_positions_work_in_every_forward_path():
+    """Ragged batches call `pos_emb(positions)` with per-row (B, T) positions: the table serves them too."""
+    model = make_model("gpt2", pos="sinusoidal")
+    prompts = [torch.tensor([3, 4, 5, 6, 7]), torch.tensor([8, 9])]
+    batch = kvlab.generate_batch(model, prompts, 6, temperature=0)
+    for p, out in zip(prompts, batch):
+        assert torch.equal(out, kvlab.generate(model, p[None], 6, temperature=0)[0])

@@ -105,3 +105,27 @@ def test_unsupported_inputs():
         kvlab.from_hf_gpt2(hf)
     with pytest.raises(ValueError, match="name must be one of"):
         kvlab.load_gpt2("gpt3")
+
+
+def test_load_gpt2_without_the_hub_says_it_is_a_download_and_how_big(monkeypatch):
+    import huggingface_hub
+
+    def offline(*_, **__):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    for name, size in (("gpt2", "about 550 MB"), ("gpt2-xl", "about 6.4 GB")):
+        with pytest.raises(FileNotFoundError, match=f"download from the Hugging Face hub \\(openai-community/{name}, "
+                                                    f"{size}\\).*cannot find the requested files"):
+            kvlab.load_gpt2(name)
+
+
+def test_load_shakespeare_from_a_folder_names_that_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as info:
+        kvlab.load_shakespeare(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path} is not an exported kvlab model: missing model.safetensors, tokenizer.json" in message
+    assert "pass path=" not in message and "python -m kvlab.train --export" in message
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        kvlab.load_shakespeare(tmp_path / "absent")

@@ -92,3 +92,37 @@ def test_process_clock_counts_cpu_seconds(monkeypatch):
     assert "CPU seconds" in speedup_markdown(table)
     with pytest.raises(ValueError, match="clock"):
         speedup_table(make_model("gpt2"), [10], clock="cpu", progress=None)
+
+
+def test_the_plot_draws_tokens_per_second_against_length(monkeypatch, tmp_path):
+    from kvlab.viz import plot_speedup
+
+    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer())
+    table = speedup_table(make_model("gpt2"), [10, 20, 40], prompt_len=4, batch_size=2, progress=None)
+    fig = plot_speedup(table)
+    cached, uncached = fig.axes[0].get_lines()
+    assert list(cached.get_xdata()) == [10, 20, 40]
+    assert list(cached.get_ydata()) == pytest.approx([200.0] * 3)  # 2 rows x N tokens / (N x 0.01 s)
+    assert list(uncached.get_ydata()) == pytest.approx([2 * n / (n * n * 0.001) for n in (10, 20, 40)])
+    assert "per second" in fig.axes[0].get_ylabel()
+    with pytest.raises(ValueError, match="speedup_table"):
+        plot_speedup({"rows": []})
+
+
+def test_command_plots_and_records_a_pasteable_command(tmp_path, capsys):
+    import shlex
+
+    out, plot = tmp_path / "table.json", tmp_path / "speed.png"
+    argv = ["--speedup-table", "--model", "tiny", "--lengths", "4,8", "--prompt-lens", "3", "--repeats", "1",
+            "--note", "the machine's load: 2", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 0
+    assert shlex.split(json.loads(out.read_text())["command"]) == ["python", "-m", "kvlab.bench", *argv]
+    assert plot.stat().st_size > 1000 and f"wrote {plot}" in capsys.readouterr().out
+
+
+def test_a_longer_context_is_named_by_its_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--speedup-table", "--model", "tiny", "--lengths", "300"])
+    assert "pass --max-seq-len 332" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max-seq-len"):
+        speedup_table(make_model("gpt2"), [400], progress=None)

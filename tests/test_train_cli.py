@@ -113,3 +113,118 @@ def test_tensorboard_writes_event_files(tmp_path):
     assert [e.step for e in acc.Scalars("loss/val")] == [2, 4]
     with pytest.raises(ValueError, match="needs out_dir"):
         train(model, ids, ids, TrainConfig(max_steps=1, batch_size=2, block_size=8, progress=False, tensorboard=True))
+
+
+# -- issue 26: run folders, resuming, usage errors before the corpus is read --------------------------
+
+
+def run_module(*args, cwd):
+    """`python -m kvlab.train` in a subprocess whose corpus cannot be read: any error must come first."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "KVLAB_SHAKESPEARE": str(cwd / "no-corpus-here.txt")}
+    result = subprocess.run([sys.executable, "-m", "kvlab.train", *args], capture_output=True, text=True, env=env,
+                            cwd=cwd, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "no-corpus-here" not in result.stderr  # refused before the corpus was looked for
+    return result
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A run folder holding the checkpoint of a 2-step SMALL run."""
+    out = tmp_path / "run"
+    assert main(SMALL + ["--max-steps", "4", "--stop-after", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_second_run_does_not_overwrite_a_checkpoint(run_folder, tmp_path):
+    result = run_module(*SMALL, "--out", str(run_folder), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{run_folder}/checkpoint.safetensors already holds a checkpoint at step 2 of 4" in result.stderr
+    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert load_checkpoint(run_folder / "checkpoint.safetensors")["step"] == 2
+
+
+def test_resume_says_from_which_step_and_overwrite_starts_again(run_folder, capsys):
+    capsys.readouterr()
+    assert main(SMALL + ["--max-steps", "4", "--out", str(run_folder), "--resume"]) == 0
+    assert f"resuming {run_folder}/checkpoint.safetensors from step 2" in capsys.readouterr().out
+    assert load_checkpoint(run_folder / "checkpoint.safetensors")["step"] == 4
+    assert main(SMALL + ["--max-steps", "1", "--out", str(run_folder), "--overwrite"]) == 0
+    assert "(replacing the one there)" in capsys.readouterr().out
+    assert load_checkpoint(run_folder / "checkpoint.safetensors")["step"] == 1
+
+
+def test_resume_keeps_the_runs_tokenizer(tmp_path, capsys):
+    out = tmp_path / "bpe"
+    bpe = SMALL + ["--tokenizer", "bpe", "--vocab-size", "280", "--max-steps", "2", "--out", str(out)]
+    assert main(bpe + ["--stop-after", "1"]) == 0
+    stored = tokenizer_from_state(load_checkpoint(out / "checkpoint.safetensors")["extra"]["tokenizer"])
+
+    def no_training(*_, **__):
+        raise AssertionError("a resumed run trained a new tokenizer")
+
+    import kvlab.tokenizers
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(kvlab.tokenizers.BPETokenizer, "train", no_training)
+    try:
+        assert main(bpe + ["--resume"]) == 0
+    finally:
+        monkeypatch.undo()
+    again = tokenizer_from_state(load_checkpoint(out / "checkpoint.safetensors")["extra"]["tokenizer"])
+    assert again.tokenizer.to_str() == stored.tokenizer.to_str()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume", "--out", "nowhere"], "--resume: no checkpoint at nowhere/checkpoint.safetensors"),
+    (["--resume", "--d-model", "64", "--n-heads", "4"], "--d-model 32 there, 64 here"),
+    (["--resume", "--tokenizer", "bpe"], "--tokenizer char there, bpe here"),
+    (["--resume", "--overwrite"], "not allowed with argument"),
+])
+def test_resume_problems_are_usage_errors_before_the_corpus(run_folder, tmp_path, extra, message):
+    args = list(SMALL) + (["--out", str(run_folder)] if "--out" not in extra else []) + extra
+    result = run_module(*args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_devices_and_precisions_this_machine_lacks_are_usage_errors(tmp_path):
+    if not torch.backends.mps.is_available():
+        result = run_module(*SMALL, "--device", "mps", "--out", str(tmp_path / "a"), cwd=tmp_path)
+        assert result.returncode == 2 and "--device mps: this machine has no MPS" in result.stderr
+    if not torch.cuda.is_available():
+        result = run_module(*SMALL, "--precision", "fp16", "--out", str(tmp_path / "b"), cwd=tmp_path)
+        assert result.returncode == 2 and "--precision fp16 needs a CUDA GPU" in result.stderr
+        assert "use --precision fp32 or bf16" in result.stderr
+
+
+def test_d_ff_and_sinusoidal_positions_reach_the_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(SMALL + ["--d-ff", "48", "--pos", "sinusoidal", "--max-steps", "2", "--out", str(out)]) == 0
+    c = load_checkpoint(out / "checkpoint.safetensors")["model_config"]
+    assert (c.d_ff, c.pos, c.mlp) == (48, "sinusoidal", "gelu")
+    assert main(SMALL + ["--mlp", "swiglu", "--d-ff", "40", "--max-steps", "1", "--out", str(out), "--overwrite"]) == 0
+    assert load_checkpoint(out / "checkpoint.safetensors")["model"].blocks[0].mlp.proj.in_features == 40
+
+
+def test_min_frequency_and_more_vocabulary_than_the_text_yields(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(SMALL + ["--tokenizer", "bpe", "--vocab-size", "5000", "--min-frequency", "1", "--max-steps", "1",
+                         "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BPE:")]
+    vocab = load_checkpoint(out / "checkpoint.safetensors")["model_config"].vocab_size
+    assert lines == [f"BPE: asked for 5000 tokens; the training text yields {vocab} with --min-frequency 1; "
+                     f"the model uses {vocab}"]
+    assert main(SMALL + ["--tokenizer", "bpe", "--vocab-size", "5000", "--max-steps", "1", "--out", str(out),
+                         "--overwrite"]) == 0
+    fewer = load_checkpoint(out / "checkpoint.safetensors")["model_config"].vocab_size
+    assert fewer <= vocab and "(a lower --min-frequency gives more)" in capsys.readouterr().out
+
+
+def test_min_frequency_is_for_bpe(capsys, monkeypatch):
+    monkeypatch.setattr(kvlab.data, "load_shakespeare_text", lambda *_, **__: pytest.fail("read the text"))
+    with pytest.raises(SystemExit):
+        main(SMALL + ["--min-frequency", "3"])
+    assert "--min-frequency is for --tokenizer bpe" in capsys.readouterr().err
