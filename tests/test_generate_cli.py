@@ -206,6 +206,10 @@ def test_the_prompt_from_a_file_or_stdin(exported, tmp_path, capsys):
     assert capsys.readouterr().out == expected  # read as is, newline included
     piped = run_module("--prompt-file", "-", *flags, stdin="ROMEO:\nab")
     assert piped.returncode == 0 and piped.stdout == expected
+    with pytest.raises(SystemExit):  # another tool's spelling: used as typed (here: characters the model lacks)
+        main([f"--prompt=@{prompt}", *flags])
+    err = capsys.readouterr().err
+    assert f"to read the file: --prompt-file {prompt}" in err and "not in this CharTokenizer's vocabulary" in err
 
 
 @pytest.mark.parametrize("flags, message", [

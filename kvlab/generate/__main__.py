@@ -28,6 +28,8 @@ import torch
 from .._cli import Parser, non_negative_int, pick_device_or_exit, positive_int
 from ..models import MODEL_HELP, load_checkpoint_model, load_model
 
+__all__ = ["build_parser", "load", "load_checkpoint_model", "TextStream", "stream_generate", "read_prompt", "main"]
+
 
 def _fraction(low_open: bool):
     def parse(text: str) -> float:
@@ -79,9 +81,6 @@ def build_parser() -> Parser:
 def load(name: str, device: torch.device):
     """(model, tokenizer) for a --model value (see `kvlab.models.load_model`)."""
     return load_model(name, device)
-
-
-__all__ = ["build_parser", "load", "load_checkpoint_model", "TextStream", "stream_generate", "main"]
 
 
 class TextStream:
@@ -190,6 +189,9 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
 def read_prompt(parser: Parser, args) -> str:
     """The text of --prompt, or of --prompt-file (a path, or - for stdin), checked."""
     if args.prompt_file is None:
+        if args.prompt.startswith("@") and Path(args.prompt[1:]).is_file():
+            print(f"(--prompt is used as typed, {args.prompt!r} included; to read the file: --prompt-file "
+                  f"{args.prompt[1:]})", file=sys.stderr)
         return args.prompt
     if args.prompt_file == "-":
         text = sys.stdin.read()
