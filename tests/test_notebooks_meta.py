@@ -91,6 +91,25 @@ def test_stored_without_outputs(path):
 
 
 @notebook
+def test_solutions_open_folded_where_learners_work(path):
+    # Colab folds a cell whose metadata says "cellView": "form" and whose source starts with
+    # `#@title`; JupyterLab and Notebook 7 fold one whose metadata has jupyter.source_hidden. The
+    # book keeps its own dropdowns (the solution-start/end blocks), and nbval still runs the cell.
+    nb = read(path)
+    solutions = [cell for cell in code_cells(nb) if "solution" in cell.metadata.get("tags", [])]
+    for cell in solutions:
+        first = cell.source.split("\n", 1)[0]
+        where = f"{path.name}: the solution cell starting {cell.source[:60]!r}"
+        assert first.startswith("#@title Solution"), f"{where} needs a `#@title Solution: ...` first line (Colab's form)"
+        assert cell.metadata.get("cellView") == "form", f"{where} needs metadata cellView: form (Colab)"
+        assert cell.metadata.get("jupyter", {}).get("source_hidden") is True, (
+            f"{where} needs metadata jupyter.source_hidden: true (JupyterLab, Notebook 7)")
+    unfolded = [cell.source[:40] for cell in code_cells(nb) if "solution" not in cell.metadata.get("tags", [])
+                and cell.metadata.get("jupyter", {}).get("source_hidden")]
+    assert not unfolded, f"{path.name}: only solutions are folded, not {unfolded}"
+
+
+@notebook
 def test_no_stored_errors(path):
     errors = [(i, out.get("ename")) for i, cell in enumerate(code_cells(read(path)))
               for out in cell.outputs if out.get("output_type") == "error"]
