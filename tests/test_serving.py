@@ -1,6 +1,8 @@
 """kvlab.serving and kvlab.paged: ragged batches, the continuous-batching engine, paged KV memory
 and shared prefixes, each checked against requests run alone with `kvlab.generate` (float32)."""
 
+import math
+
 import pytest
 import torch
 
@@ -301,7 +303,7 @@ def test_mixed_workload_is_seeded():
 # -- the measurements ---------------------------------------------------------------------------
 
 def test_serving_bench_cli_writes_a_record(tmp_path):
-    from kvlab.bench import main
+    from kvlab.bench.cli import main
 
     out = tmp_path / "s.json"
     assert main(["--serving", "--model", "tiny", "--max-seq-len", "512", "--serving-batch-sizes", "1,2",
@@ -314,3 +316,87 @@ def test_serving_bench_cli_writes_a_record(tmp_path):
     assert t["prefix_shared_over_unshared"] == 1 / 16
     assert 1.0 <= t["paged_reserved_over_used"] < t["static_reserved_over_used"]
     assert {r["batch_size"] for r in record["batch_sweep"]} == {1, 2}
+
+
+# -- the parts: paged attention, the block manager's prefix cache, the engine's step ------------
+
+@pytest.mark.parametrize("H,Hkv,BS", [(4, 4, 4), (4, 2, 8), (2, 1, 1)])
+def test_blockwise_paged_attention_equals_the_gather_and_dense_attention(H, Hkv, BS):
+    from kvlab.paged import paged_attention_blockwise, paged_attention_gather
+
+    g = torch.Generator().manual_seed(H * 10 + BS)
+    D, lengths = 8, torch.tensor([1, 13, 7, 29, BS])
+    nb = math.ceil(int(lengths.max()) / BS)
+    NB = len(lengths) * nb + 2
+    k_pool, v_pool = torch.randn(NB, BS, Hkv, D, generator=g), torch.randn(NB, BS, Hkv, D, generator=g)
+    tables = torch.randperm(NB, generator=g)[: len(lengths) * nb].view(len(lengths), nb)  # scattered blocks
+    q = torch.randn(len(lengths), H, D, generator=g) * 3
+    blockwise = paged_attention_blockwise(q, k_pool, v_pool, tables, lengths)
+    gathered = paged_attention_gather(q, k_pool, v_pool, tables, lengths)
+    torch.testing.assert_close(blockwise, gathered)
+    for b, n in enumerate(lengths.tolist()):  # dense attention over each row's keys, read slot by slot
+        k = torch.stack([k_pool[tables[b, p // BS], p % BS] for p in range(n)], dim=1)  # (Hkv, n, D)
+        v = torch.stack([v_pool[tables[b, p // BS], p % BS] for p in range(n)], dim=1)
+        k, v = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)
+        dense = torch.softmax(q[b, :, None] @ k.transpose(1, 2) / math.sqrt(D), -1) @ v  # (H, 1, D)
+        torch.testing.assert_close(blockwise[b], dense[:, 0])
+
+
+def test_the_paged_forward_runs_the_models_own_blocks(model):
+    from kvlab.serving import forward_paged
+
+    calls = []
+    hooks = [block.register_forward_hook(lambda *a: calls.append(1)) for block in model.blocks]
+    try:
+        generate_batch(model, prompts_of([3, 5]), 2, temperature=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 2 * model.config.n_layers  # the prefill and one decode step, every block
+    assert kvlab.serving.forward_rows is forward_paged
+
+
+def test_engine_step_is_short():
+    import inspect
+
+    assert len(inspect.getsource(Engine.step).splitlines()) <= 15
+
+
+def test_prefix_cache_outlives_requests_and_gives_the_same_tokens(model):
+    system = prompts_of([12], seed=8)[0].tolist()  # 3 full blocks of 4
+    engine = Engine(model, max_batch_size=2, block_size=4, num_blocks=12, prefix_sharing=True, max_seq_len=40)
+    first = engine.submit(system + [1, 2], 5, temperature=0)
+    engine.run()
+    assert engine.num_running == 0 and engine.kv_bytes_reserved() == 0  # nothing held...
+    for prompt, hits in ((system + [3, 4, 5], 3), (system, 3), (system[:4] + [9] * 6, 1)):  # ...yet still cached
+        before = engine.blocks.hits
+        rid = engine.submit(prompt, 5, temperature=0)
+        assert torch.equal(engine.run()[rid], alone(model, prompt, 5, temperature=0))
+        assert engine.blocks.hits - before == hits
+    assert torch.equal(engine.result(first), alone(model, system + [1, 2], 5, temperature=0))
+    assert engine.pool.num_free == 12
+
+
+def test_prefix_cache_evicts_the_least_recently_freed_block_first(model):
+    engine = Engine(model, max_batch_size=1, block_size=4, num_blocks=6, prefix_sharing=True, max_seq_len=24)
+    a, b = prompts_of([8], seed=1)[0].tolist(), prompts_of([8], seed=2)[0].tolist()
+    for prompt in (a, b):  # each caches 2 blocks and frees 3 (the third held its new tokens)
+        engine.submit(prompt, 3, temperature=0)
+        engine.run()
+    assert len(engine.blocks.cached) == 4
+    engine.submit(prompts_of([8], seed=3)[0].tolist(), 3, temperature=0)  # needs 3 fresh blocks
+    engine.run()
+    before = engine.blocks.hits
+    engine.submit(b, 3, temperature=0)  # b was freed after a: its blocks survived
+    rid = engine.submit(a, 3, temperature=0)
+    results = engine.run()
+    assert engine.blocks.hits - before == 2
+    assert torch.equal(results[rid], alone(model, a, 3, temperature=0))
+
+
+def test_shakespeare_model_is_served():
+    model, tok = kvlab.load_shakespeare()
+    prompt = tok.encode("ROMEO:\n")
+    engine = Engine(model, max_batch_size=2, block_size=16, cpu_kernels=False)
+    rid = engine.submit(prompt, 20, temperature=0)
+    assert torch.equal(engine.run()[rid], alone(model, prompt, 20, temperature=0))

@@ -27,5 +27,6 @@ from .measuring import (check_bf16_step_times, check_compute_bound_batch, check_
                         check_time_steps)
 from .sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,  # noqa: F401
                        check_temperature_for_half, check_top_p_filter)
-from .serving import check_block_size_waste, check_gather_kv, check_left_pad  # noqa: F401
+from .serving import (check_block_manager, check_block_size_waste, check_left_pad, check_paged_attention,  # noqa: F401
+                      check_paged_write, check_prefilled_tokens, check_prefix_cache, check_schedule)
 from .beyond import check_acceptance_rate, check_int8_bytes_per_token, check_reorder_cache  # noqa: F401
