@@ -400,3 +400,22 @@ def test_shakespeare_model_is_served():
     engine = Engine(model, max_batch_size=2, block_size=16, cpu_kernels=False)
     rid = engine.submit(prompt, 20, temperature=0)
     assert torch.equal(engine.run()[rid], alone(model, prompt, 20, temperature=0))
+
+
+def test_a_prefix_cache_hit_gives_the_logits_of_a_miss(model):
+    system = prompts_of([12], seed=4)[0].tolist()
+    logits = {}
+    for cached in (False, True):
+        engine = Engine(model, max_batch_size=1, block_size=4, prefix_sharing=cached, max_seq_len=40)
+        engine.submit(system + [5], 3, temperature=0)
+        engine.run()  # finished: with the cache, its full blocks stay cached
+        seen = []
+        run = engine.runner.run
+        engine.runner.run = lambda batch: seen.append(run(batch)) or seen[-1]
+        for prompt in (system + [7, 8], system):  # a partial hit, then a whole-prompt hit
+            engine.submit(prompt, 1, temperature=0)
+            engine.run()
+        logits[cached] = seen
+        assert engine.blocks.hits == (6 if cached else 0)
+    for miss, hit in zip(logits[False], logits[True]):
+        torch.testing.assert_close(hit, miss)
