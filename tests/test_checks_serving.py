@@ -371,6 +371,16 @@ def schedule_too_many(s):
     return schedule(s)
 
 
+def schedule_any_that_fits(s):
+    schedule(s)
+    for r in list(s.waiting):  # also anyone further back who fits: the front request may starve
+        if len(s.running) < s.max_batch_size and s.blocks.can_allocate(r):
+            s.waiting.remove(r)
+            s.blocks.allocate(r)
+            s.running.append(r)
+    return list(s.running)
+
+
 def schedule_with_kvlab(s):
     return Scheduler.schedule(s)
 
@@ -391,6 +401,7 @@ def test_schedule_stub_is_not_done(capsys):
     (schedule_unchecked, "can_allocate"),
     (schedule_no_free, "give"),
     (schedule_too_many, "max_batch_size"),
+    (schedule_any_that_fits, "in order"),
     (schedule_with_kvlab, REFUSAL),
 ])
 def test_schedule_catches_mistakes(wrong, match):

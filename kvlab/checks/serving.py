@@ -409,12 +409,17 @@ def _observed_schedule(fn, s):
         if gone and gone != running[len(running) - len(gone):]:
             raise AssertionError(f"preempted requests {[r.id for r in gone]} out of running {[r.id for r in running]}: "
                                  "preempt the most recently admitted (the end of s.running), so the oldest keep going")
-        if list(s.waiting)[: len(gone)] != gone[::-1]:
+        queue = gone + waiting  # victims first (the oldest of them at the front), then those already waiting
+        new = [r for r in s.running if r not in running]
+        if list(s.waiting) != queue[len(new):] and new == queue[: len(new)]:
             raise AssertionError("a preempted request goes back to the front of the queue (s.waiting.appendleft), "
                                  "so it is readmitted first")
-        new = [r for r in s.running if r not in running]
-        if new != [r for r in waiting + gone[::-1] if r in new][: len(new)] or new != s.running[len(s.running) - len(new):]:
-            raise AssertionError("admit from the front of the queue, in order, appending to s.running")
+        if new != queue[: len(new)] or new != s.running[len(s.running) - len(new):]:
+            raise AssertionError("admit from the front of the queue, in order (the first request that does not fit "
+                                 "waits, and so does everyone behind it), appending to s.running")
+        if list(s.waiting) != queue[len(new):]:
+            raise AssertionError("a preempted request goes back to the front of the queue (s.waiting.appendleft), "
+                                 "so it is readmitted first")
         for r in s.running:
             if len(r.table) * bs < len(r.tokens):
                 raise AssertionError(f"request {r.id} has no slot for the token it feeds this step: every running "
