@@ -419,3 +419,22 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_miss(model):
         assert engine.blocks.hits == (6 if cached else 0)
     for miss, hit in zip(logits[False], logits[True]):
         torch.testing.assert_close(hit, miss)
+
+
+def test_prefix_cache_under_a_tight_pool_with_preemption_equals_each_request_alone(model):
+    g = torch.Generator().manual_seed(11)
+    system = prompts_of([8], seed=12)[0].tolist()  # two full blocks of 4
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=10, prefix_sharing=True, max_seq_len=40)
+    jobs = {}
+    for i in range(10):
+        own = prompts_of([int(torch.randint(0, 6, (1,), generator=g))], seed=30 + i)[0].tolist()
+        prompt = (system if i % 3 else system[:4]) + own
+        n = int(torch.randint(4, 16, (1,), generator=g))
+        jobs[engine.submit(prompt, n, temperature=0)] = (prompt, n)
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            engine.step()
+    results = engine.run()
+    assert engine.preemptions > 0 and engine.blocks.hits > 0
+    for rid, (prompt, n) in jobs.items():
+        assert torch.equal(results[rid], alone(model, prompt, n, temperature=0)), rid
+    assert engine.pool.num_free == 10 and engine.kv_bytes_reserved() == 0

@@ -91,8 +91,11 @@ class BlockManager:
         if plan is None or plan[1] > self.pool.num_free:
             raise RuntimeError("not enough free blocks for this request: ask can_allocate first")
         hits, _ = plan
-        for b in hits:
-            self.pool.take(b) if self.pool.is_free(b) else self.pool.hold(b)
+        for b in hits:  # a cached block nobody holds comes off the free list; a held one gains a holder
+            if self.pool.is_free(b):
+                self.pool.take(b)
+            else:
+                self.pool.hold(b)
         self.hits += len(hits)
         r.table = list(hits)
         r.n_cached = len(hits) * self.block_size
