@@ -9,11 +9,11 @@ from ._cli import refuse_non_command
 # before importing anything else.
 refuse_non_command()
 
-from . import attention, cache, data, device, gpt, layers, pretrained, sampling, seq2seq, tokenizers, viz
+from . import attention, cache, data, device, generation, gpt, layers, pretrained, sampling, seq2seq, tokenizers, viz
 from .attention import CrossAttention, SelfAttention, attention_mask, attention_reference, causal_mask
 from .cache import KVCache, kv_cache_bytes
 from .device import describe_device, pick_device, seed_everything, synchronize
-from .generate import decode_step, generate, generate_naive, next_token, prefill
+from .generation import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
 from .pretrained import from_hf_gpt2, load_gpt2, load_shakespeare, to_hf_gpt2_state_dict
 from .sampling import logits_to_probs
@@ -21,6 +21,7 @@ from .serving import generate_batch
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
                       greedy_decode)
 from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokenizer
+from . import cpu_kernels  # chapter 5
 from . import beam, quantized, speculative  # chapter 10
 from .beam import beam_search
 from .speculative import speculative_generate
@@ -29,6 +30,24 @@ from .speculative import speculative_generate
 from . import checks  # noqa: E402
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # modules
+    "attention", "beam", "bench", "cache", "checks", "cpu_kernels", "data", "device", "generation", "gpt", "layers",
+    "pretrained", "quantized", "sampling", "seq2seq", "speculative", "student", "tokenizers", "train", "viz",
+    # chapter 2
+    "CrossAttention", "SelfAttention", "attention_mask", "attention_reference", "causal_mask",
+    # chapter 3
+    "GPT", "GPTConfig", "from_hf_gpt2", "load_gpt2", "load_shakespeare", "to_hf_gpt2_state_dict",
+    # chapter 4
+    "KVCache", "kv_cache_bytes", "decode_step", "generate", "generate_naive", "next_token", "prefill",
+    # the device
+    "describe_device", "pick_device", "seed_everything", "synchronize",
+    # chapters 1, 7, 8, 9, 10
+    "BPETokenizer", "CharTokenizer", "GPT2Tokenizer", "gpt2_tokenizer", "logits_to_probs",
+    "CrossAttentionCache", "EncoderDecoderCache", "Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode",
+    "generate_batch", "beam_search", "speculative_generate",
+]
 
 # Modules that are also commands (`python -m kvlab.train`, ...) load on first use: importing them
 # here would make `python -m` run a module that is already imported.

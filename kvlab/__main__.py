@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ._cli import COMMANDS, commands_text, nearest_command
+from ._cli import CLI_MODULES, COMMANDS, commands_text, nearest_command
 
 USAGE = "usage: python -m kvlab COMMAND [flags]   (or python -m kvlab.COMMAND [flags])"
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {nearest}?" if nearest else ""
         print(f"{USAGE}\npython -m kvlab: {name!r} is not a command{hint}\n{commands_text()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"kvlab.{name}.__main__" if name == "generate" else f"kvlab.{name}")
+    module = importlib.import_module(CLI_MODULES.get(name, f"kvlab.{name}"))
     return module.main(rest)
 
 

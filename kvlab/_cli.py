@@ -195,10 +195,13 @@ COMMANDS = {
     "dashboard": "the KV dashboard of chapter 4 as a GIF",
     "student": "build the student edition of the notebooks, grade submissions",
 }
+# The module holding a command's `main`, where it is not `kvlab.<command>` itself.
+CLI_MODULES = {"generate": "kvlab.generation.cli", "train": "kvlab.train.cli", "bench": "kvlab.bench.cli"}
 # Where people look for a command that lives elsewhere.
 _HINTS = {"viz": "dashboard", "plot": "dashboard", "kv_dashboard": "dashboard", "benchmark": "bench",
           "speedup": "bench", "serving_bench": "bench", "serving": "bench", "bench_cli": "bench",
-          "train_cli": "train", "pretrained": "generate", "sampling": "generate", "models": "generate"}
+          "speedups": "bench", "cpu_kernels": "bench", "train_cli": "train", "pretrained": "generate",
+          "sampling": "generate", "models": "generate", "generation": "generate"}
 
 
 # What to do instead, for library modules people try to run.
@@ -251,7 +254,7 @@ def refuse_non_command(package: str = "kvlab") -> None:
     if target is None or not target.startswith(package + "."):
         return
     name = target[len(package) + 1:]
-    if name in COMMANDS or name in ("__main__", "generate.__main__"):
+    if name in COMMANDS or name == "__main__" or name in (f"{c}.__main__" for c in COMMANDS):
         return
     import importlib.util
 

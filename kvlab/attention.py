@@ -31,6 +31,8 @@ __all__ = [
     "attention_reference",
     "attend",
     "repeat_kv",
+    "split_heads",
+    "merge_heads",
     "SelfAttention",
     "CrossAttention",
 ]
@@ -116,12 +118,14 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)
 
 
-def _split_heads(x: Tensor, n_heads: int) -> Tensor:
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(B, T, H·D) -> (B, H, T, D): one slice of the channels per head. Built in chapter 2."""
     B, T, _ = x.shape
     return x.view(B, T, n_heads, -1).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
 
 
-def _merge_heads(x: Tensor) -> Tensor:
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, D) -> (B, T, H·D), the inverse of `split_heads`. Built in chapter 2."""
     B, H, T, D = x.shape
     return x.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
 
@@ -163,10 +167,10 @@ class _AttentionBase(nn.Module):
             if is_causal:
                 mask = causal_mask(q.size(-2), k.size(-2), device=q.device)
             y, weights = attention_reference(q, k, v, mask)
-            return self.out(_merge_heads(y)), weights
+            return self.out(merge_heads(y)), weights
         p = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, is_causal=is_causal, dropout_p=p)  # (B, H, T, D)
-        return self.out(_merge_heads(y))
+        return self.out(merge_heads(y))
 
 
 class SelfAttention(_AttentionBase):
@@ -206,9 +210,9 @@ class SelfAttention(_AttentionBase):
         `input_pos` and attention runs over everything the cache returns."""
         kv_dim = self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([self.d_model, kv_dim, kv_dim], dim=-1)
-        q = _split_heads(q, self.n_heads)  # (B, H, T, D)
-        k = _split_heads(k, self.n_kv_heads)  # (B, Hkv, T, D)
-        v = _split_heads(v, self.n_kv_heads)  # (B, Hkv, T, D)
+        q = split_heads(q, self.n_heads)  # (B, H, T, D)
+        k = split_heads(k, self.n_kv_heads)  # (B, Hkv, T, D)
+        v = split_heads(v, self.n_kv_heads)  # (B, Hkv, T, D)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -241,7 +245,7 @@ class CrossAttention(_AttentionBase):
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory: (B, S, C) -> keys and values, each (B, Hkv, S, D)."""
         k, v = self.kv(memory).chunk(2, dim=-1)
-        return _split_heads(k, self.n_kv_heads), _split_heads(v, self.n_kv_heads)
+        return split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
 
     def forward(
         self,
@@ -252,6 +256,6 @@ class CrossAttention(_AttentionBase):
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, T, C) queries; memory_kv from `project_memory`; mask (B, 1, 1, S) hides padding."""
-        q = _split_heads(self.q(x), self.n_heads)  # (B, H, T, D)
+        q = split_heads(self.q(x), self.n_heads)  # (B, H, T, D)
         k, v = memory_kv
         return self._finish(q, k, v, mask, False, return_weights)

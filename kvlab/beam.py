@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import _merge_heads, _split_heads, attend, repeat_kv
+from .attention import merge_heads, split_heads, attend, repeat_kv
 from .cache import KVCache
 from .gpt import GPT
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .data import Seq2SeqVocab
     from .seq2seq import CrossAttentionCache, EncoderDecoderCache, Seq2SeqTransformer
 
-__all__ = ["reorder_cache", "beam_search", "beam_step_seq2seq", "toy_beam_accuracy"]
+__all__ = ["reorder_cache", "search", "beam_search", "beam_step_seq2seq"]
 
 _NEG = -1.0e9  # the score of a beam that must not be chosen (finite, as Hugging Face's, so sums stay finite)
 _BATCHED = ("k", "v", "k_scale", "v_scale", "k_offset", "v_offset")  # per-row tensors of a layer cache; `pos` is shared by all rows
@@ -109,7 +109,7 @@ def _check_beam_args(model, idx, max_new_tokens, num_beams, length_penalty, eos_
 # -- the search, whatever the model ---------------------------------------------------------------
 
 
-def _search(first_logits: Tensor, step, reorder, *, K: int, N: int, eos_id: int | None,
+def search(first_logits: Tensor, step, reorder, *, K: int, N: int, eos_id: int | None,
             length_penalty: float, fill: int) -> tuple[Tensor, Tensor]:
     """Beam search over N steps. `first_logits` (B, V) are the logits after the prompt; `step`
     feeds (B·K, 1) tokens and returns (B·K, V) logits; `reorder(index)` reorders the cache rows.
@@ -225,14 +225,14 @@ def beam_search(
     else:
         cache = model.new_cache(B, kind="dynamic", quantize=quantize)
 
-    first = model._forward(idx, cache, 0, last_only=True)[:, -1]  # (B, V): the prompt runs once per row
+    first = model.forward_unchecked(idx, cache, 0, last_only=True)[:, -1]  # (B, V): the prompt runs once per row
     reorder_cache(cache, torch.arange(B, device=idx.device).repeat_interleave(K))  # fan out to K beams
 
     def step(tokens: Tensor) -> Tensor:
-        return model._forward(tokens, cache, cache.length, last_only=True)[:, -1]
+        return model.forward_unchecked(tokens, cache, cache.length, last_only=True)[:, -1]
 
     fill = eos_id if eos_id is not None else 0
-    new, _ = _search(first, step, lambda rows: reorder_cache(cache, rows), K=K, N=N, eos_id=eos_id,
+    new, _ = search(first, step, lambda rows: reorder_cache(cache, rows), K=K, N=N, eos_id=eos_id,
                      length_penalty=length_penalty, fill=fill)
     return torch.cat([idx, new.to(idx.device)], dim=1)
 
@@ -258,11 +258,11 @@ def beam_step_seq2seq(model: "Seq2SeqTransformer", tokens: Tensor, start: int, s
         x = x + block.self_attn(block.norm1(x), cache=self_cache.layers[i], input_pos=input_pos)  # one query: no mask
         ca = block.cross_attn
         q = ca.q(block.norm2(x)).view(B, K, -1)  # (R, 1, C) -> (B, K, C): K beams as K queries
-        q = _split_heads(q, ca.n_heads)  # (B, H, K, D)
+        q = split_heads(q, ca.n_heads)  # (B, H, K, D)
         k, v = cross.kv[i]  # (B, Hkv, S, D): shared by the K beams
         n_rep = ca.n_heads // ca.n_kv_heads
         y = attend(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), cross.mask)  # (B, H, K, D)
-        x = x + ca.out(_merge_heads(y)).view(R, 1, -1)  # (B, K, C) -> (R, 1, C)
+        x = x + ca.out(merge_heads(y)).view(R, 1, -1)  # (B, K, C) -> (R, 1, C)
         x = x + block.mlp(block.norm3(x))
     return model.lm_head(model.dec_norm(x))[:, -1]  # (R, V)
 
@@ -287,23 +287,6 @@ def _beam_search_seq2seq(model, src: Tensor, N: int, K: int, length_penalty: flo
     def step(tokens: Tensor) -> Tensor:
         return beam_step_seq2seq(model, tokens, self_cache.length, self_cache, cross)
 
-    out, length = _search(first, step, lambda rows: reorder_cache(self_cache, rows), K=K, N=N, eos_id=eos_id,
+    out, length = search(first, step, lambda rows: reorder_cache(self_cache, rows), K=K, N=N, eos_id=eos_id,
                           length_penalty=length_penalty, fill=c.pad_id)
     return out
-
-
-# -- measuring ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def toy_beam_accuracy(model: "Seq2SeqTransformer", pairs: list[tuple[str, str]], vocab: "Seq2SeqVocab", *,
-                      num_beams: int,
-                      batch_size: int = 250) -> float:
-    """Exact-match accuracy of beam search on (source, target) string pairs of chapter 8's toy
-    tasks; num_beams=1 is `kvlab.seq2seq.toy_accuracy`'s greedy decoding. Built in chapter 10."""
-    from .seq2seq import toy_accuracy
-
-    def decode(m, src, max_len):
-        return beam_search(m, src, max_len, num_beams=num_beams)
-
-    return toy_accuracy(model, pairs, vocab, batch_size=batch_size, decode=decode)

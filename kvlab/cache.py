@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .validation import check_positive_int
+
 __all__ = [
     "CACHE_KINDS",
     "DynamicLayerCache",
@@ -221,36 +223,21 @@ class KVCache:
         cls, kind: str, *, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
         max_seq_len: int | None = None, window: int | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-        quantize: str | None = None,
     ) -> "KVCache":
         """Build a cache of the given kind; arguments are validated before anything is allocated.
 
-        `quantize="int8"` stores keys and values as int8 with a step and a minimum per group of channels
-        (`kvlab.quantized`, chapter 10; static and sliding kinds only)."""
+        (Chapter 10's int8 caches are built by `kvlab.quantized.int8_cache`, or
+        `model.new_cache(..., quantize="int8")`.)"""
         if kind not in CACHE_KINDS:
             raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
-        _positive_int("batch_size", batch_size)
-        if quantize is not None:  # chapter 10's int8 cache
-            from .quantized import make_int8_layers, QUANTIZE_KINDS
-
-            if quantize not in QUANTIZE_KINDS:
-                raise ValueError(f"quantize must be one of {QUANTIZE_KINDS}, got {quantize!r}")
-            if kind not in ("static", "sliding"):
-                raise ValueError(f"quantize={quantize!r} works with kind 'static' or 'sliding', not kind={kind!r}")
-            _positive_int("max_seq_len" if kind == "static" else "window", max_seq_len if kind == "static" else window)
-            layers = make_int8_layers(kind, n_layers, batch_size, n_kv_heads, head_dim, max_seq_len=max_seq_len,
-                                      window=window, device=device, dtype=dtype)
-            cache = cls(layers, kind, max_seq_len=max_seq_len if kind == "static" else None,
-                        window=window if kind == "sliding" else None, batch_size=batch_size)
-            cache.quantize = quantize
-            return cache
+        check_positive_int("batch_size", batch_size)
         if kind == "static":
-            _positive_int("max_seq_len", max_seq_len)
+            check_positive_int("max_seq_len", max_seq_len)
             layers = [StaticLayerCache(batch_size, n_kv_heads, head_dim, max_seq_len, device=device, dtype=dtype)
                       for _ in range(n_layers)]
             return cls(layers, kind, max_seq_len=max_seq_len, batch_size=batch_size)
         if kind == "sliding":
-            _positive_int("window", window)
+            check_positive_int("window", window)
             layers = [SlidingWindowLayerCache(batch_size, n_kv_heads, head_dim, window, device=device, dtype=dtype)
                       for _ in range(n_layers)]
             return cls(layers, kind, window=window, batch_size=batch_size)
@@ -310,8 +297,3 @@ def _layer_bytes(layer) -> int:
         return layer.nbytes
     tensors = [getattr(layer, name, None) for name in ("k", "v")]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

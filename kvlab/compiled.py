@@ -3,7 +3,7 @@
 Shape legend: B batch, C d_model, V vocab_size, Hkv key/value heads, N slots in the cache
 (max_seq_len for a static cache, the window W for a sliding one), D head_dim.
 
-`GPT._forward` is written to be read: it turns positions into Python ints, slices the static
+`GPT.forward_unchecked` is written to be read: it turns positions into Python ints, slices the static
 cache to the filled prefix [0, length) and skips the mask when it can. Each of those choices
 makes every decode step a different program to a compiler: a new length is a new shape, an
 int read from a tensor is a value baked into the graph. A compiled step would be compiled
@@ -16,7 +16,7 @@ again at every position. The step here gives the compiler one program for all po
 - the new key and value are written with `index_copy_` at a tensor index.
 
 It walks the model's own blocks with the model's own weights (`Block.forward`, given a cache
-that writes in place and returns the whole buffer), so it computes what `GPT._forward` does.
+that writes in place and returns the whole buffer), so it computes what `GPT.forward_unchecked` does.
 On a GPU `torch.compile(mode="reduce-overhead")` then records the step as a CUDA graph: one
 launch replays every kernel of the step. That needs the cache's memory to stay at the same
 addresses from step to step, which is what a static (preallocated) cache gives and a

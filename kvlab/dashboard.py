@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, check them against the model, record the frames and write the GIF."""
     from .device import pick_device
-    from .generate.__main__ import load
+    from .models import load_model
     from .viz import animate_kv_dashboard, kv_dashboard_frames
 
     parser = build_parser()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out must name a .gif file, got {args.out!r}")
     try:
         device = pick_device(args.device or "cpu")
-        model, tokenizer = load(args.model, device)
+        model, tokenizer = load_model(args.model, device)
         ids = tokenizer.encode(args.prompt)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .attention import attention_mask
 from .cache import KVCache
 from .layers import Block, SinusoidalPositions, make_norm, rope_cos_sin
+from .quantized import int8_cache
 
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
@@ -201,9 +202,11 @@ class GPT(nn.Module):
             window = c.window
             if window is None:
                 raise ValueError("kind='sliding' needs a window (the model has no config.window)")
-        return KVCache.create(kind, n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads,
-                              head_dim=c.head_dim, max_seq_len=max_seq_len, window=window,
-                              device=self.device, dtype=self.dtype, quantize=quantize)
+        shape = dict(n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                     max_seq_len=max_seq_len, window=window, device=self.device, dtype=self.dtype)
+        if quantize is not None:  # chapter 10's int8 layer caches, behind the same KVCache
+            return int8_cache(kind, **shape)
+        return KVCache.create(kind, **shape)
 
     # -- the forward pass --------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ class GPT(nn.Module):
         start = self.check_inputs(idx, cache, input_pos)
         if targets is not None:
             self._check_targets(targets, idx)
-        logits = self._forward(idx, cache, start)
+        logits = self.forward_unchecked(idx, cache, start)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -277,8 +280,13 @@ class GPT(nn.Module):
             return cache.window
         return self.config.window
 
-    def _forward(self, idx: Tensor, cache: KVCache | None, start: int, last_only: bool = False) -> Tensor:
-        """The forward pass on already-validated inputs (generation calls this in its loop)."""
+    def forward_unchecked(self, idx: Tensor, cache: KVCache | None, start: int, last_only: bool = False) -> Tensor:
+        """The forward pass on inputs already validated by `check_inputs`, from position `start`.
+
+        `forward` checks its arguments and calls this; a generation loop checks once, then calls
+        this every step (`kvlab.generation.decode_step`). `last_only=True` returns only the last
+        position's logits (B, 1, V), all generation needs. Built in chapter 4.
+        """
         B, T = idx.shape
         c = self.config
         device = idx.device

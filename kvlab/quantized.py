@@ -12,8 +12,8 @@ symmetric scale per vector, s = max|x| / 127 (68 bytes, 0.27x). Measured once on
 model (CPU, float32; teacher-forced along the greedy texts of `kvlab.bench.BEYOND_PROMPTS`): the
 mean change of the gap between the two best logits went from 0.0094 to 0.0054, keys causing
 about 2.5x the values' share with the old rule; per-channel rescaling of keys did not help. With
-`cache_quality(windows=200)`, KL 2.2e-5 -> 7.5e-6 nats. Greedy texts can still part at a near-tie
-(a top-2 gap far below these changes): see `cache_quality`'s per-prompt report. Attention
+`kvlab.bench.cache_quality(windows=200)`, KL 2.2e-5 -> 7.5e-6 nats. Greedy texts can still part at a near-tie
+(a top-2 gap far below these changes): see `kvlab.bench.cache_quality`'s per-prompt report. Attention
 itself still runs in the model's dtype: the cache dequantizes what it returns, so the saving is
 in what is *kept*, not in the arithmetic.
 
@@ -29,10 +29,11 @@ import math
 import torch
 from torch import Tensor
 
-from .cache import SlidingWindowLayerCache, StaticLayerCache
+from .cache import KVCache, SlidingWindowLayerCache, StaticLayerCache
+from .validation import check_positive_int
 
 __all__ = ["QUANTIZE_KINDS", "GROUP_SIZE", "group_size", "quantize_int8", "dequantize_int8",
-           "Int8StaticLayerCache", "Int8SlidingWindowLayerCache", "cache_quality"]
+           "Int8StaticLayerCache", "Int8SlidingWindowLayerCache", "int8_cache"]
 
 QUANTIZE_KINDS = (None, "int8")
 GROUP_SIZE = 32  # channels sharing one scale and one offset
@@ -199,94 +200,24 @@ class Int8SlidingWindowLayerCache:
         return _nbytes(self)
 
 
-def make_int8_layers(kind: str, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, *,
-                     max_seq_len: int | None, window: int | None, device, dtype) -> list:
-    """The int8 layer caches for `KVCache.create(..., quantize="int8")` (arguments already checked)."""
+def int8_cache(kind: str, *, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
+               max_seq_len: int | None = None, window: int | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
+    """A `KVCache` of int8 layer caches (kind "static" or "sliding"); what
+    `model.new_cache(..., quantize="int8")` returns. Arguments are validated before anything is
+    allocated. Built in chapter 10."""
+    if kind not in ("static", "sliding"):
+        raise ValueError(f"quantize='int8' works with kind 'static' or 'sliding', not kind={kind!r}")
+    check_positive_int("batch_size", batch_size)
     if kind == "static":
-        return [Int8StaticLayerCache(batch_size, n_kv_heads, head_dim, max_seq_len, device=device, dtype=dtype)
-                for _ in range(n_layers)]
-    if kind == "sliding":
-        return [Int8SlidingWindowLayerCache(batch_size, n_kv_heads, head_dim, window, device=device, dtype=dtype)
-                for _ in range(n_layers)]
-    raise ValueError(f"quantize='int8' works with kind 'static' or 'sliding', not kind={kind!r}")
-
-
-# -- measuring ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def cache_quality(model, val_ids: Tensor, prompts: list[Tensor], *, quantize: str = "int8", windows: int = 64,
-                  block_size: int | None = None, new_tokens: int = 256, batch_size: int = 16) -> dict:
-    """How much a quantized cache changes a model, against the float cache of its own dtype.
-
-    Teacher-forced, over `windows` consecutive windows of `val_ids` (each run through a fresh
-    static cache, so every key is read back from the cache): mean KL(p_float || p_quantized)
-    per position, top-1 agreement, and the validation loss with each cache. Free-running, for
-    each prompt (1, T): `new_tokens` greedy tokens with each sliding/static cache, the fraction
-    of positions that agree and the first position that differs (with the float model's top-2
-    logit gap there and the largest change the quantized cache made to a logit), plus the
-    agreement of the quantized cache's greedy choice along the float text (teacher-forced). Also the bytes of
-    each cache for one `new_tokens`-token sequence, float32 and bfloat16 by the formula.
-    Built in chapter 10.
-    """
-    import torch.nn.functional as F
-
-    from .cache import kv_cache_bytes
-    from .generate import generate
-
-    c = model.config
-    block = block_size or c.max_seq_len
-    n = min(windows, (val_ids.numel() - 1) // block)
-    if n < 1:
-        raise ValueError(f"val_ids has {val_ids.numel()} tokens; it needs more than block_size={block}")
-    ids = val_ids[: n * block + 1].to(model.device)
-    x_all, y_all = ids[:-1].view(n, block), ids[1:].view(n, block)
-    kl = agree = loss_f = loss_q = 0.0
-    for i in range(0, n, batch_size):
-        x, y = x_all[i: i + batch_size], y_all[i: i + batch_size]
-        B = x.size(0)
-        lf = model(x, model.new_cache(B, max_seq_len=block)).float().log_softmax(-1)  # (B, T, V)
-        lq = model(x, model.new_cache(B, max_seq_len=block, quantize=quantize)).float().log_softmax(-1)
-        kl += float(F.kl_div(lq, lf, log_target=True, reduction="sum"))
-        agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
-        loss_f += float(F.nll_loss(lf.flatten(0, 1), y.flatten(), reduction="sum"))
-        loss_q += float(F.nll_loss(lq.flatten(0, 1), y.flatten(), reduction="sum"))
-    positions = n * block
-    slides = c.pos == "rope" and c.window is not None
-    kind = dict(kind="sliding") if slides else {}
-    greedy = []
-    for idx in prompts:
-        T = idx.size(1)
-        size = {} if slides else dict(max_seq_len=T + new_tokens)
-        a = generate(model, idx, new_tokens, temperature=0, cache=model.new_cache(1, **kind, **size))
-        b = generate(model, idx, new_tokens, temperature=0,
-                     cache=model.new_cache(1, **kind, **size, quantize=quantize))
-        same = (a[0, T:] == b[0, T:]).cpu()
-        differs = (~same).nonzero()
-        # Teacher-forced along the float text: does the quantized cache choose the same next token?
-        cache = model.new_cache(1, **kind, **size, quantize=quantize)
-        logits = model(a[:, :-1], cache)[0, T - 1:]  # (new_tokens, V)
-        first = int(differs[0]) if differs.numel() else None
-        entry = dict(agreement=float(same.float().mean()), first_difference=first,
-                     agreement_along_float_text=float((logits.argmax(-1) == a[0, T:]).float().mean()))
-        if first is not None:  # how close a call it was: the float model's top-2 logit gap there
-            float_logits = model(a[:, :T + first], model.new_cache(1, **kind, **size))[0, -1]  # predicts new token `first`
-            top2 = float_logits.float().topk(2).values
-            entry["top2_gap_at_first_difference"] = float(top2[0] - top2[1])
-            entry["logit_change_at_first_difference"] = float((logits[first] - float_logits).abs().max())
-        greedy.append(entry)
-    per_token = dict(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, seq_len=new_tokens)
-    q_bytes = model.new_cache(1, max_seq_len=new_tokens, quantize=quantize).nbytes
-    fp32 = kv_cache_bytes(**per_token, dtype=torch.float32)
-    bf16 = kv_cache_bytes(**per_token, dtype=torch.bfloat16)
-    return {
-        "quantize": quantize, "windows": n, "positions": positions,
-        "kl_nats": kl / positions, "top1_agreement": agree / positions,
-        "val_loss_float": loss_f / positions, "val_loss_quantized": loss_q / positions,
-        "val_loss_change": (loss_q - loss_f) / positions,
-        "greedy": greedy,
-        "greedy_agreement": sum(g["agreement"] for g in greedy) / max(len(greedy), 1),
-        "greedy_agreement_along_float_text": sum(g["agreement_along_float_text"] for g in greedy) / max(len(greedy), 1),
-        "bytes": {"float32": fp32, "bfloat16": bf16, quantize: q_bytes},
-        "ratio_to_float32": q_bytes / fp32, "ratio_to_bfloat16": q_bytes / bf16,
-    }
+        check_positive_int("max_seq_len", max_seq_len)
+        layers = [Int8StaticLayerCache(batch_size, n_kv_heads, head_dim, max_seq_len, device=device, dtype=dtype)
+                  for _ in range(n_layers)]
+        cache = KVCache(layers, kind, max_seq_len=max_seq_len, batch_size=batch_size)
+    else:
+        check_positive_int("window", window)
+        layers = [Int8SlidingWindowLayerCache(batch_size, n_kv_heads, head_dim, window, device=device, dtype=dtype)
+                  for _ in range(n_layers)]
+        cache = KVCache(layers, kind, window=window, batch_size=batch_size)
+    cache.quantize = "int8"
+    return cache

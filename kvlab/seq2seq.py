@@ -341,7 +341,7 @@ class Seq2SeqTransformer(nn.Module):
         B, T = tgt.shape
         input_pos = torch.arange(start, start + T)  # CPU: caches read its first element for free
         # The self-attention mask depends only on positions, so it is built once for all layers;
-        # the two common cases need none (see GPT._forward).
+        # the two common cases need none (see GPT.forward_unchecked).
         mask, is_causal = None, False
         if start == 0:
             is_causal = True  # T queries over the same T keys

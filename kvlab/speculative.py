@@ -34,11 +34,11 @@ from torch import Tensor
 
 from .cache import KVCache
 from .device import synchronize
-from .generate import check_length_and_sampling
+from .generation import check_length_and_sampling
 from .gpt import GPT
 from .sampling import logits_to_probs
 
-__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "speedup", "load_shakespeare_draft"]
+__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "load_shakespeare_draft"]
 
 
 # -- the n-gram draft ----------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def speculative_generate(
     # next verify forward feeds along with the guesses. So the prefill stops one token short.
     tcache = _cache_for(target, T + N + k + 1)
     if T > 1:
-        target._forward(idx[:, :-1], tcache, 0, last_only=True)
+        target.forward_unchecked(idx[:, :-1], tcache, 0, last_only=True)
         counts["target_forwards"] += 1
     out = idx[0].tolist()
     model_draft = isinstance(draft, GPT)
@@ -305,7 +305,7 @@ def speculative_generate(
             feed = out[fed:]
             for _ in range(m):
                 x = torch.tensor([feed], device=device)
-                d_logits = draft._forward(x, dcache, fed, last_only=True)[0, -1]
+                d_logits = draft.forward_unchecked(x, dcache, fed, last_only=True)[0, -1]
                 counts["draft_forwards"] += 1
                 fed += len(feed)
                 if greedy:
@@ -321,7 +321,7 @@ def speculative_generate(
         m = len(guesses)
 
         x = torch.tensor([[out[-1]] + guesses], device=device)  # (1, m + 1)
-        logits = target._forward(x, tcache, L - 1)[0]  # (m + 1, V): the target's view after each token
+        logits = target.forward_unchecked(x, tcache, L - 1)[0]  # (m + 1, V): the target's view after each token
         counts["target_forwards"] += 1
         counts["rounds"] += 1
         counts["proposed"] += m
@@ -363,54 +363,6 @@ def speculative_generate(
                      acceptance_rate=counts["accepted"] / proposed if proposed else math.nan,
                      tokens_per_target_forward=N / counts["target_forwards"])
     return torch.tensor([out], dtype=torch.long, device=device)
-
-
-# -- measuring ------------------------------------------------------------------------------------
-
-
-def speedup(target: GPT, drafts: dict, prompts: list[Tensor], *, new_tokens: int = 256,
-            ks: tuple[int, ...] = (4,), repeats: int = 3) -> dict:
-    """Greedy speculative decoding against plain greedy `kvlab.generate`, in one interleaved run.
-
-    For each prompt, each repeat runs plain greedy and then every (draft, k) once, so a machine
-    that slows down or speeds up affects all of them alike; tokens/s are the median over repeats
-    and prompts together. Reports, per draft and k: tokens/s, the speed-up over plain greedy,
-    acceptance rate, tokens per target forward, and whether every run's tokens were identical to
-    plain greedy's. Built in chapter 10.
-    """
-    from .generate import generate
-
-    import statistics
-
-    plain_rates: list[float] = []
-    runs: dict[tuple[str, int], list[dict]] = {(name, k): [] for name in drafts for k in ks}
-    identical = {key: True for key in runs}
-    for idx in prompts:
-        expected = None
-        for _ in range(repeats):
-            stats: dict = {}
-            out = generate(target, idx, new_tokens, temperature=0, stats=stats)
-            expected = out if expected is None else expected
-            plain_rates.append(new_tokens / stats["total_s"])
-            for (name, k) in runs:
-                s: dict = {}
-                got = speculative_generate(target, drafts[name], idx, new_tokens, k=k, temperature=0, stats=s)
-                identical[(name, k)] &= bool(torch.equal(got, expected))
-                runs[(name, k)].append(s)
-    plain = statistics.median(plain_rates)
-    table = []
-    for (name, k), stats_list in runs.items():
-        rate = statistics.median(s["tokens_per_s"] for s in stats_list)
-        proposed = sum(s["proposed"] for s in stats_list)
-        table.append({
-            "draft": name, "k": k, "tokens_per_s": rate, "speedup": rate / plain,
-            "acceptance_rate": sum(s["accepted"] for s in stats_list) / proposed if proposed else math.nan,
-            "tokens_per_target_forward": statistics.mean(s["tokens_per_target_forward"] for s in stats_list),
-            "draft_forwards_per_token": statistics.mean(s["draft_forwards"] / s["new_tokens"] for s in stats_list),
-            "identical_tokens": identical[(name, k)],
-        })
-    return {"plain_greedy_tokens_per_s": plain, "new_tokens": new_tokens, "prompts": len(prompts),
-            "repeats": repeats, "runs": table}
 
 
 DRAFT_DIR = "data/shakespeare_draft"  # the shipped draft model, relative to the repository root

@@ -139,7 +139,7 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
     dashboard).
     """
     from .attention import attention_reference, repeat_kv
-    from .generate import decode_step, next_token, prefill
+    from .generation import decode_step, next_token, prefill
 
     if idx.dim() != 2 or idx.size(0) != 1:
         raise ValueError(f"idx must be one prompt of shape (1, T), got {tuple(idx.shape)}")

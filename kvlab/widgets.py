@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .generate import generate
+from .generation import generate
 from .sampling import logits_to_probs
 
 __all__ = ["SamplingExplorer"]

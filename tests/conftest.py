@@ -8,7 +8,7 @@ import torch
 
 import kvlab
 
-# kvlab.speedups stores its measured CPU kernel choices in ~/.cache/kvlab; the tests keep theirs
+# kvlab.cpu_kernels stores its measured CPU kernel choices in ~/.cache/kvlab; the tests keep theirs
 # in a folder of their own, and every test run starts without any.
 os.environ["KVLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvlab-test-cache-")
 

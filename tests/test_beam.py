@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.beam import _search, beam_search, beam_step_seq2seq, reorder_cache
+from kvlab.beam import search, beam_search, beam_step_seq2seq, reorder_cache
 from kvlab.checks._common import small_model
 from kvlab.seq2seq import CrossAttentionCache, Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
 
@@ -177,7 +177,7 @@ def naive_seq2seq_beams(model, src, N, K, length_penalty=1.0):
 
     first = model.decode(torch.full((B, 1), c.bos_id), memory, pad_mask)[:, -1]
     state["seqs"] = state["seqs"][:B].repeat_interleave(K, 0)
-    out, _ = _search(first, step, reorder, K=K, N=N, eos_id=c.eos_id, length_penalty=length_penalty, fill=c.pad_id)
+    out, _ = search(first, step, reorder, K=K, N=N, eos_id=c.eos_id, length_penalty=length_penalty, fill=c.pad_id)
     return out
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.bench import main, sweep, time_generation, time_hf_generation
+from kvlab.bench import sweep, time_generation, time_hf_generation
+from kvlab.bench.cli import main
 from conftest import make_model
 
 

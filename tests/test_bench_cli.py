@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.bench_cli import main
-from kvlab.serving_bench import fit_ranges, serving_bench
+from kvlab.bench.cli import main
+from kvlab.bench import fit_ranges, serving_bench
 from kvlab.tokenizers import tokenizer_state
 from kvlab.train import save_checkpoint
 
@@ -58,7 +58,7 @@ def test_serving_on_a_short_context_skips_the_prefix_and_fits_the_engine(tmp_pat
     assert result["targets"]["prefix_shared_over_unshared"] is None
     assert result["engine"]["prompt_range"] == [16, 16] and result["engine"]["new_range"] == [16, 16]
     assert result["engine"]["paged"]["tokens_equal"] == 1.0
-    from kvlab.serving_bench import plot_serving
+    from kvlab.bench import plot_serving
 
     plot_serving(result).savefig(tmp_path / "s.png")
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=32"):
@@ -129,7 +129,7 @@ def test_usage_errors_come_before_any_model_is_built(args, message, capsys, monk
     def no_model(*_, **__):
         raise AssertionError("a model was built before the flags were checked")
 
-    monkeypatch.setattr("kvlab.bench_cli._model", no_model)
+    monkeypatch.setattr("kvlab.bench.cli._model", no_model)
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 2

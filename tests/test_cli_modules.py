@@ -31,7 +31,7 @@ def run(*args, stdin=None, env=None, timeout=120):
 def test_the_walk_finds_the_commands_and_the_library():
     names = all_modules()
     assert {f"kvlab.{c}" for c in COMMANDS} <= set(names)
-    assert {"kvlab.viz", "kvlab.seq2seq", "kvlab.checks", "kvlab.checks.gpt", "kvlab.generate.__main__"} <= set(names)
+    assert {"kvlab.viz", "kvlab.seq2seq", "kvlab.checks", "kvlab.checks.gpt", "kvlab.generation.cli", "kvlab.bench.__main__"} <= set(names)
 
 
 @pytest.mark.parametrize("module", all_modules())
@@ -40,7 +40,7 @@ def test_every_module_is_a_command_or_lists_the_commands(module):
     result = run("-m", module, "--help")
     output = result.stdout + result.stderr
     assert "Traceback" not in output and "RuntimeWarning" not in output, output
-    if name in COMMANDS or name in ("kvlab", "__main__", "generate.__main__"):
+    if name in COMMANDS or name in ("kvlab", "__main__") or name in {f"{c}.__main__" for c in COMMANDS}:
         assert result.returncode == 0, output
         assert "usage:" in result.stdout
         return
@@ -134,7 +134,7 @@ def test_the_readmes_commands_parse():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("Commands (each has `--help`", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    parsers = {"train": "kvlab.train_cli", "generate": "kvlab.generate.__main__", "bench": "kvlab.bench_cli",
+    parsers = {"train": "kvlab.train.cli", "generate": "kvlab.generation.cli", "bench": "kvlab.bench.cli",
                "dashboard": "kvlab.dashboard"}
     seen = set()
     for line in block.splitlines():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.generate.__main__ import main
+from kvlab.generation.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_no_stream_prints_the_same_text_and_decode_time(exported, capsys):
 def test_tokens_are_streamed_one_at_a_time(exported):
     import io
 
-    from kvlab.generate.__main__ import TextStream, stream_generate
+    from kvlab.generation.cli import TextStream, stream_generate
 
     _, model, tok = exported
     idx = torch.tensor([tok.encode("ab")])
@@ -114,7 +114,7 @@ def test_tokens_are_streamed_one_at_a_time(exported):
 def test_a_token_ending_mid_character_is_held_back():
     import io
 
-    from kvlab.generate.__main__ import TextStream
+    from kvlab.generation.cli import TextStream
 
     tok = kvlab.GPT2Tokenizer()
     pieces = tok.encode("naïve café ☕")  # "☕" is three bytes, spread over two tokens
@@ -252,7 +252,7 @@ def test_stop_ends_the_text_before_the_stop_text(exported, capsys):
 def test_a_stop_text_split_over_tokens_is_held_back():
     import io
 
-    from kvlab.generate.__main__ import TextStream
+    from kvlab.generation.cli import TextStream
 
     tok = kvlab.CharTokenizer.from_text("abcdefXYZ")
     sink = io.StringIO()

@@ -247,7 +247,7 @@ def _stats_without_guesses(target):
 
 @pytest.mark.skipif(not os.environ.get("KVLAB_SHAKESPEARE"), reason="reads Tiny Shakespeare from $KVLAB_SHAKESPEARE")
 def test_the_chapter_10_bench_runs_and_reports_every_figure(capsys):
-    import kvlab.bench
+    import kvlab.bench.cli
 
     result = kvlab.bench.beyond(ks=(2,), new_tokens=12, windows=2, repeats=1, prompts=("ROMEO:\n",), toy_steps=2,
                                 toy_test=20)
@@ -258,5 +258,5 @@ def test_the_chapter_10_bench_runs_and_reports_every_figure(capsys):
     assert q["ratio_to_float32"] <= 0.3 and q["positions"] == 2 * 128
     assert set(result["beam_toy_exact_match"]["sort"]) == {"beams_1", "beams_2", "beams_4"}
     with pytest.raises(SystemExit):
-        kvlab.bench.main(["--help"])
+        kvlab.bench.cli.main(["--help"])
     assert "--beyond" in capsys.readouterr().out

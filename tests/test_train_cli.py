@@ -8,7 +8,8 @@ import torch
 import kvlab
 import kvlab.data
 from kvlab.gpt import GPTConfig
-from kvlab.train import PRESET_TOKENIZERS, TRAIN_PRESETS, TrainConfig, load_checkpoint, main, train
+from kvlab.train import PRESET_TOKENIZERS, TRAIN_PRESETS, TrainConfig, load_checkpoint, train
+from kvlab.train.cli import main
 from kvlab.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_state
 
 LINES = ["ROMEO: But soft, what light through yonder window breaks?",

@@ -35,7 +35,7 @@ def _filled_cache(model, B: int, T: int, seed: int):
 @learner_check
 def check_reorder_cache(fn: Callable) -> None:
     """`fn(cache, index)` makes row i of every layer of a static `KVCache` hold row index[i]."""
-    from ..beam import _search, beam_search
+    from ..beam import beam_search, search
 
     for style, B, index in [("gpt2", 3, [2, 0, 1]), ("modern", 4, [0, 0, 3, 1]), ("gpt2", 2, [1, 1])]:
         model = small_model(style, seed=B)
@@ -85,7 +85,7 @@ def check_reorder_cache(fn: Callable) -> None:
         def step(tokens):
             return model(tokens, cache)[:, -1]
 
-        out, _ = _search(first, step, lambda rows: call_learner(fn, cache, rows, name="my_reorder_cache"),
+        out, _ = search(first, step, lambda rows: call_learner(fn, cache, rows, name="my_reorder_cache"),
                          K=K, N=N, eos_id=None, length_penalty=1.0, fill=0)
     expected = beam_search(model, idx, N, num_beams=K)[:, 4:]
     if not torch.equal(out, expected):

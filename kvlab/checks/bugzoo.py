@@ -29,7 +29,7 @@ import io
 import torch
 
 from ..cache import CACHE_KINDS, KVCache
-from ..generate import generate
+from ..generation import generate
 from ..gpt import GPT
 from ._common import MODEL_STYLES, ExerciseNotDone, learner_check, passed, small_model as _model
 

@@ -15,7 +15,7 @@ import torch
 
 from ..attention import apply_rope, attention_mask, attention_reference
 from ..cache import KVCache, kv_cache_bytes
-from ..generate import decode_step, generate
+from ..generation import decode_step, generate
 from ..gpt import GPT, GPTConfig
 from ..layers import rope_cos_sin
 from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, passed, require_answer,

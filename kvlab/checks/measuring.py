@@ -22,7 +22,7 @@ import torch
 
 from ..cache import kv_cache_bytes
 from ..device import synchronize
-from ..generate import decode_step, prefill
+from ..generation import decode_step, prefill
 from ..gpt import GPT, GPTConfig
 from ._common import call_learner, learner_check, passed, require_answer
 

@@ -1,4 +1,5 @@
-"""kvlab.speedups: oneDNN linears, kept outside the model and chosen by measuring (once, stored). Switched on or off, they must never change a value (beyond float32 rounding), a shape,
+"""kvlab.cpu_kernels: oneDNN linears, kept outside the model and chosen by measuring (once, stored), by
+whoever owns the process, never inside `kvlab.generate`. Switched on or off, they must never change a value (beyond float32 rounding), a shape,
 a tie, a token or a saved file, and must step aside for training."""
 
 import json
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvlab
-from kvlab import speedups
-from kvlab.speedups import MIN_WEIGHT_ELEMENTS, OneDNNLinear, _swap, fast_cpu_inference, onednn_linear_available, plain_linears
+from kvlab import cpu_kernels
+from kvlab.cpu_kernels import MIN_WEIGHT_ELEMENTS, OneDNNLinear, _swap, fast_cpu_inference, onednn_linear_available, plain_linears
 from conftest import STYLES
 from conftest import make_model as make_small_model
 
@@ -86,27 +87,27 @@ def test_fast_cpu_inference_keeps_only_a_measured_win(monkeypatch, tmp_path):
     model = make_model("gpt2")
     idx = torch.randint(0, model.config.vocab_size, (2, 5))
     reference = kvlab.generate(model, idx, 20, temperature=0)
-    speedups.forget_measurements()
+    cpu_kernels.forget_measurements()
     # A machine where oneDNN loses: the model must stay plain.
-    monkeypatch.setattr(speedups, "_decode_ms", lambda m, b, s: 10.0 if any(
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", lambda m, b, s: 10.0 if any(
         isinstance(x, OneDNNLinear) for x in m.modules()) else 5.0)
     report = fast_cpu_inference(model)
     assert not report["onednn"] and not any(isinstance(m, OneDNNLinear) for m in model.modules())
     # A machine where it wins clearly: switched, and still the same tokens.
-    speedups._choices_path().unlink()
-    speedups.forget_measurements()
-    monkeypatch.setattr(speedups, "_decode_ms", lambda m, b, s: 5.0 if any(
+    cpu_kernels._choices_path().unlink()
+    cpu_kernels.forget_measurements()
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", lambda m, b, s: 5.0 if any(
         isinstance(x, OneDNNLinear) for x in m.modules()) else 10.0)
     report = fast_cpu_inference(model)
     assert report["onednn"] and any(isinstance(m, OneDNNLinear) for m in model.modules())
     assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference)
     # Measured once per process: a second call reuses the answer without timing anything.
-    monkeypatch.setattr(speedups, "_decode_ms", lambda *a: pytest.fail("measured twice"))
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", lambda *a: pytest.fail("measured twice"))
     assert fast_cpu_inference(model)["onednn"]
     # ... and so does another process: the answer was stored.
-    speedups.forget_measurements()
+    cpu_kernels.forget_measurements()
     assert fast_cpu_inference(model)["onednn"]
-    speedups.forget_measurements()
+    cpu_kernels.forget_measurements()
 
 
 def test_fast_cpu_inference_leaves_other_models_alone():
@@ -146,57 +147,77 @@ def _fake_timing(monkeypatch, onednn_ms: float, plain_ms: float = 10.0):
         calls.append(batch_size)
         return onednn_ms if any(isinstance(m, OneDNNLinear) for m in model.modules()) else plain_ms
 
-    monkeypatch.setattr(speedups, "_decode_ms", decode_ms)
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", decode_ms)
     return calls
 
 
 @needs_onednn
-def test_generate_switches_inside_the_call_only_and_stores_the_answer(monkeypatch, tmp_path):
+def test_measured_linears_switches_inside_the_block_only_and_stores_the_answer(monkeypatch, tmp_path):
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    speedups.forget_measurements()
+    cpu_kernels.forget_measurements()
     model = make_model("gpt2")
     idx = torch.randint(0, model.config.vocab_size, (2, 5))
-    monkeypatch.setenv(speedups.KERNELS_ENV, "plain")
     reference = kvlab.generate(model, idx, 20, temperature=0)
-    assert not (tmp_path / speedups.CHOICES_FILE).exists()  # "plain": nothing measured
-    monkeypatch.setenv(speedups.KERNELS_ENV, "auto")
+    monkeypatch.setenv(cpu_kernels.KERNELS_ENV, "plain")
+    with cpu_kernels.measured_linears(model, 2) as switched:
+        assert not switched
+    assert not fast_cpu_inference(model, 2)["onednn"]
+    assert not (tmp_path / cpu_kernels.CHOICES_FILE).exists()  # "plain": nothing measured
+    monkeypatch.setenv(cpu_kernels.KERNELS_ENV, "auto")
     calls = _fake_timing(monkeypatch, onednn_ms=5.0)
     seen = []
-    original = speedups._onednn_linear
-    monkeypatch.setattr(speedups, "_onednn_linear", lambda *a: seen.append(1) or original(*a))
-    assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference)
+    original = cpu_kernels._onednn_linear
+    monkeypatch.setattr(cpu_kernels, "_onednn_linear", lambda *a: seen.append(1) or original(*a))
+    with cpu_kernels.measured_linears(model, 2) as switched:
+        assert switched and torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference)
     assert seen and calls == [2, 2, 2, 2]  # batch 2, measured both ways twice
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # restored
-    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
-    stored = json.loads((tmp_path / speedups.CHOICES_FILE).read_text())
+    stored = json.loads((tmp_path / cpu_kernels.CHOICES_FILE).read_text())
     assert [v["onednn"] for v in stored.values()] == [True]
     # Another process reads the stored answer: no timing at all.
-    speedups.forget_measurements()
-    monkeypatch.setattr(speedups, "_decode_ms", lambda *a: pytest.fail("measured again"))
+    cpu_kernels.forget_measurements()
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", lambda *a: pytest.fail("measured again"))
     seen.clear()
-    assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference) and seen
-    speedups.forget_measurements()
+    with cpu_kernels.measured_linears(model, 2):
+        assert torch.equal(kvlab.generate(model, idx, 20, temperature=0), reference) and seen
+    cpu_kernels.forget_measurements()
 
 
 @needs_onednn
-def test_generate_stays_plain_where_onednn_loses_or_the_file_is_damaged(monkeypatch, tmp_path):
+def test_generate_makes_no_kernel_choice(monkeypatch, tmp_path):
+    # Chapter 4's loop runs the model as it is: the choice belongs to whoever owns the process.
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    (tmp_path / speedups.CHOICES_FILE).write_text("{not json")
-    speedups.forget_measurements()
+    cpu_kernels.forget_measurements()
+    model = make_model("gpt2")
+    monkeypatch.setattr(cpu_kernels, "_decode_ms", lambda *a: pytest.fail("generate measured"))
+    monkeypatch.setattr(cpu_kernels, "_onednn_linear", lambda *a: pytest.fail("oneDNN used"))
+    kvlab.generate(model, torch.randint(0, model.config.vocab_size, (1, 5)), 5, temperature=0)
+    assert not (tmp_path / cpu_kernels.CHOICES_FILE).exists()
+
+
+@needs_onednn
+def test_stays_plain_where_onednn_loses_or_the_file_is_damaged(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    (tmp_path / cpu_kernels.CHOICES_FILE).write_text("{not json")
+    cpu_kernels.forget_measurements()
     model = make_model("gpt2")
     calls = _fake_timing(monkeypatch, onednn_ms=9.9)  # 1.01x: within noise, not a win
-    monkeypatch.setattr(speedups, "_onednn_linear", lambda *a: pytest.fail("oneDNN used"))
-    kvlab.generate(model, torch.randint(0, model.config.vocab_size, (1, 5)), 5, temperature=0)
-    assert calls  # the damaged file was measured over ...
-    assert [v["onednn"] for v in json.loads((tmp_path / speedups.CHOICES_FILE).read_text()).values()] == [False]
-    speedups.forget_measurements()
+    monkeypatch.setattr(cpu_kernels, "_onednn_linear", lambda *a: pytest.fail("oneDNN used"))
+    with cpu_kernels.measured_linears(model, 1) as switched:
+        kvlab.generate(model, torch.randint(0, model.config.vocab_size, (1, 5)), 5, temperature=0)
+    assert not switched and calls  # the damaged file was measured over ...
+    assert [v["onednn"] for v in json.loads((tmp_path / cpu_kernels.CHOICES_FILE).read_text()).values()] == [False]
+    cpu_kernels.forget_measurements()
 
 
 def test_a_bad_setting_is_refused(monkeypatch):
-    monkeypatch.setenv(speedups.KERNELS_ENV, "fast")
+    monkeypatch.setenv(cpu_kernels.KERNELS_ENV, "fast")
     model = make_model("gpt2")
     with pytest.raises(ValueError, match="KVLAB_CPU_KERNELS must be 'auto' or 'plain'"):
-        kvlab.generate(model, torch.zeros(1, 3, dtype=torch.long), 2)
+        fast_cpu_inference(model)
+    with pytest.raises(ValueError, match="KVLAB_CPU_KERNELS must be 'auto' or 'plain'"):
+        with cpu_kernels.measured_linears(model, 1):
+            pass
     with pytest.raises(TypeError, match="kvlab.GPT"):
-        with speedups.measured_linears(nn.Linear(2, 2), 1):
+        with cpu_kernels.measured_linears(nn.Linear(2, 2), 1):
             pass

@@ -1,4 +1,4 @@
-"""A CPU speedup kept outside the model and chosen by measuring: oneDNN's linear kernel.
+"""The CPU kernel choice, kept outside the model and made by measuring: oneDNN's linear kernel or plain.
 
 Shape legend: B batch, C_in input features, C_out output features.
 
@@ -9,14 +9,16 @@ mkldnn operators) streams the same weights faster; on others it is slower. So `k
 always uses plain `nn.Linear`, and the choice is made here, by timing a few decode steps of
 *this* model on *this* machine both ways:
 
-- `kvlab.generate` (and the benchmarks' kvlab runs) decode inside `measured_linears(model, B)`,
-  which switches the large linears to oneDNN for the duration of the call only, and only where
-  oneDNN measured at least `MIN_GAIN` times faster. The answer is measured once per CPU,
-  PyTorch version, thread count, batch size and weight shapes, and kept in
-  `~/.cache/kvlab/cpu_kernels.json` (or `$KVLAB_CACHE_DIR`), so later runs do not measure
-  again. `KVLAB_CPU_KERNELS=plain` turns the switch off.
-- `fast_cpu_inference(model)` makes the same measured switch for good (every forward call);
-  `plain_linears` undoes it.
+- `fast_cpu_inference(model, batch_size)` switches the large linears to oneDNN for good (every
+  forward call), only where oneDNN measured at least `MIN_GAIN` times faster; `plain_linears`
+  undoes it. The choice is made once per model by whoever owns the process: the reader
+  (chapter 5), the command lines (`python -m kvlab.generate`, `python -m kvlab.bench`), the
+  serving engine's constructor. `kvlab.generate` itself never makes it: it runs the model as it is.
+- `measured_linears(model, B)` makes the same switch for the duration of a `with` block only
+  (the benchmarks' sweeps, one block per batch size).
+The answer is measured once per CPU, PyTorch version, thread count, batch size and weight
+shapes, and kept in `~/.cache/kvlab/cpu_kernels.json` (or `$KVLAB_CACHE_DIR`), so later runs do
+not measure again. `KVLAB_CPU_KERNELS=plain` turns both off.
 
 The switch changes no parameter, value or state dict: `OneDNNLinear` holds the very same
 weight and bias, and multiplies with oneDNN only when autograd is not recording. Built in
@@ -119,7 +121,7 @@ def plain_linears(model: nn.Module) -> nn.Module:
 @torch.inference_mode()
 def _decode_ms(model, batch_size: int, steps: int) -> float:
     """Median time of one cached decode step, in ms, after a short prompt."""
-    from .generate import decode_step, prefill
+    from .generation import decode_step, prefill
 
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, 8), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(batch_size, max_seq_len=8 + steps + 1)
@@ -226,7 +228,7 @@ def measured_linears(model, batch_size: int, *, steps: int = 6, rounds: int = 2)
     `OneDNNLinear` layers, or when ${KERNELS_ENV}=plain. The first use for a new machine, thread
     count, batch size and model shape times `rounds` x `steps` decode steps each way; the answer
     is stored (see the module's docstring). On leaving, the model is exactly as before. Used by
-    `kvlab.generate`; built in chapter 5.
+    `kvlab.bench.sweep`; built in chapter 5.
     """
     from .gpt import GPT
 
@@ -263,7 +265,9 @@ def fast_cpu_inference(model, batch_size: int = 1, *, steps: int = 8, rounds: in
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     plain_linears(model)
-    report = {"onednn": False, "plain_step_ms": None, "onednn_step_ms": None, "reason": _why_not(model)}
+    setting = _kernels_setting()
+    reason = f"${KERNELS_ENV}=plain" if setting == "plain" else _why_not(model)
+    report = {"onednn": False, "plain_step_ms": None, "onednn_step_ms": None, "reason": reason}
     if report["reason"]:
         return report
     chosen, plain_ms, fast_ms = _measured_choice(model, batch_size, steps, rounds)

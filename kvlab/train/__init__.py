@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import get_batch
-from .gpt import GPT, GPTConfig
+from ..data import get_batch
+from ..gpt import GPT, GPTConfig
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "PRESET_TOKENIZERS", "History", "check_tensorboard", "configure_optimizer", "lr_at", "precision_for",
            "estimate_loss", "read_checkpoint_header", "evaluate_split", "train", "save_checkpoint", "load_checkpoint", "export_model"]
@@ -311,7 +311,7 @@ def read_checkpoint_header(path: str | os.PathLike) -> dict:
     """What a checkpoint says about itself, without loading a tensor: "step", "model_config" (a
     GPTConfig), "train_config", "history" and "extra" (e.g. the tokenizer). How the command line
     checks a run folder before any work. Built in chapter 6."""
-    from .files import read_safetensors_metadata
+    from ..files import read_safetensors_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -328,7 +328,7 @@ def load_checkpoint(path: str | os.PathLike, model: GPT | None = None,
     config when none was passed). A `model` whose config differs from the stored one is a
     `ValueError` that names each differing field. Built in chapter 6.
     """
-    from .files import check_state_shapes, read_safetensors
+    from ..files import check_state_shapes, read_safetensors
 
     path = Path(path)
     if not path.is_file():
@@ -554,7 +554,7 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
     return history
 
 
-# -- evaluation on a whole split, export; the command line is kvlab.train_cli -----------------------------------------
+# -- evaluation on a whole split, export; the command line is kvlab.train.cli ------------------------------------------
 
 
 @torch.no_grad()
@@ -608,21 +608,3 @@ def export_model(out_dir: str | os.PathLike, model: GPT, tokenizer, record: dict
         tmp.write_text(text)
         os.replace(tmp, out / name)
     return out
-
-
-def build_parser():
-    """The command line of `python -m kvlab.train` (kept in `kvlab.train_cli`)."""
-    from .train_cli import build_parser
-
-    return build_parser()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.train`: train a GPT (characters or BPE) on Tiny Shakespeare (see `kvlab.train_cli`)."""
-    from .train_cli import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

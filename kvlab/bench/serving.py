@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from .cache import kv_cache_bytes
-from .device import cpu_model_name, describe_device, synchronize
-from .generate import generate
-from .gpt import GPT
-from .serving import Engine, mixed_workload
+from ..cache import kv_cache_bytes
+from ..device import cpu_model_name, describe_device, synchronize
+from ..generation import generate
+from ..gpt import GPT
+from ..serving import Engine, mixed_workload
 
 __all__ = ["run_workload", "batch_sweep", "engine_vs_sequential", "prefix_sharing_bytes", "fit_ranges",
            "serving_bench",

@@ -11,7 +11,7 @@ and repeated; medians are reported with the spread. The per-token trace (one lat
 generated token) is what shows the naive loop slowing down as the text grows while the cached
 one stays flat. Built in chapter 5.
 
-    python -m kvlab.bench --help
+The command line is `kvlab.bench.cli` (`python -m kvlab.bench --help`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .cache import kv_cache_bytes
-from .device import describe_device, synchronize
-from .compiled import advance, compiled_decode_step, prepare_cache
-from .generate import decode_step, next_token, prefill
-from .gpt import GPT
-from .speedups import measured_linears
+from ..cache import kv_cache_bytes
+from ..compiled import advance, compiled_decode_step, prepare_cache
+from ..cpu_kernels import measured_linears
+from ..device import describe_device, synchronize
+from ..generation import decode_step, generate, next_token, prefill
+from ..gpt import GPT
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
-           "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded", "main"]
+           "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded"]
 
 
 @dataclass
@@ -80,7 +80,9 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     synchronisation after each step so each time is the step's real cost. Returns the timing
     and the tokens (B, T + N), which equal `kvlab.generate(..., temperature=0)`. With
     `compile=True` the decode steps are `kvlab.generate(..., compile=True)`'s compiled step
-    (CUDA graphs on CUDA); warm up first, since the first call compiles. Built in chapter 5.
+    (CUDA graphs on CUDA); warm up first, since the first call compiles. The model is timed as
+    it is: on a CPU, make the linear-kernel choice first if you want it
+    (`kvlab.cpu_kernels.fast_cpu_inference`; `sweep` makes it per batch size). Built in chapter 5.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -92,42 +94,40 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     out = torch.empty(B, T + new_tokens, dtype=torch.long, device=device)
     out[:, :T] = idx
     cache = None
-    # kvlab.generate's CPU kernel choice (kvlab.speedups), cached and uncached alike: what generate runs.
-    with measured_linears(model, B) if not compile else contextlib.nullcontext():
-        _reset_peak(device)
-        synchronize(device)
-        start = time.perf_counter()
-        if use_cache:
-            cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
-                else model.new_cache(B, kind=cache_kind)
-            logits = prefill(model, idx, cache)
-        else:
-            logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+    _reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    if use_cache:
+        cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
+            else model.new_cache(B, kind=cache_kind)
+        logits = prefill(model, idx, cache)
+    else:
+        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
+    if compile:
+        if not use_cache:
+            raise ValueError("compile=True needs use_cache=True")
+        prepare_cache(cache)
+        input_pos = torch.tensor([T], device=device)
+    token = next_token(logits, temperature=0)
+    out[:, T] = token[:, 0]
+    synchronize(device)
+    ttft = time.perf_counter() - start
+    steps = []
+    for n in range(1, new_tokens):
+        t0 = time.perf_counter()
         if compile:
-            if not use_cache:
-                raise ValueError("compile=True needs use_cache=True")
-            prepare_cache(cache)
-            input_pos = torch.tensor([T], device=device)
+            logits = compiled_decode_step(model, token, input_pos, cache)
+            advance(cache, T + n)
+            input_pos += 1
+        elif use_cache:
+            logits = decode_step(model, token, cache)
+        else:
+            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
         token = next_token(logits, temperature=0)
-        out[:, T] = token[:, 0]
+        out[:, T + n] = token[:, 0]
         synchronize(device)
-        ttft = time.perf_counter() - start
-        steps = []
-        for n in range(1, new_tokens):
-            t0 = time.perf_counter()
-            if compile:
-                logits = compiled_decode_step(model, token, input_pos, cache)
-                advance(cache, T + n)
-                input_pos += 1
-            elif use_cache:
-                logits = decode_step(model, token, cache)
-            else:
-                logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
-            token = next_token(logits, temperature=0)
-            out[:, T + n] = token[:, 0]
-            synchronize(device)
-            steps.append(time.perf_counter() - t0)
-        total = time.perf_counter() - start
+        steps.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
     cache_bytes = cache.nbytes if cache is not None else 0
     timing = GenerationTiming("kvlab-compile" if compile else "kvlab", use_cache, B, T, new_tokens, ttft, steps,
                               total, _peak(device, cache_bytes))
@@ -226,8 +226,6 @@ def precision_cost(model: GPT, idx: torch.Tensor, dtype: torch.dtype = torch.bfl
     loss_low = -logp_low.gather(-1, y[..., None]).mean().item()
     kl = (logp_ref.exp() * (logp_ref - logp_low)).sum(-1).mean().item()
     agree = (logp_ref.argmax(-1) == logp_low.argmax(-1)).float().mean().item()
-    from .generate import generate
-
     n = min(64, reference.config.max_seq_len - 8)
     greedy_ref = generate(reference, idx[:, :8], n, temperature=0)[:, 8:]
     greedy_low = generate(low, idx[:, :8], n, temperature=0)[:, 8:]
@@ -303,7 +301,7 @@ def load_recorded(name: str) -> dict:
     From an installed kvlab (as on Colab) the file is downloaded once from the course
     repository and verified (`kvlab.data.repo_file`). Built in chapter 5.
     """
-    from .data import checkout_root, repo_file
+    from ..data import checkout_root, repo_file
 
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"name must be a record's name such as 'cpu_fp32_vs_hf', got {name!r}")
@@ -315,14 +313,14 @@ def load_recorded(name: str) -> dict:
         root = checkout_root()
         known = sorted(p.stem for p in (root / "data" / "bench").glob("*.json")) if root is not None else []
         raise FileNotFoundError(f"no recorded benchmark {name!r} (the course has: {', '.join(known) or 'see data/bench'})")
-    from .files import read_json
+    from ..files import read_json
 
     return read_json(path, "benchmark record")
 
 
 def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,), use_cache=(True, False),
           repeats: int = 3, warmup: int = 1, hf_model=None, hf_caches=("dynamic", "static"), compile: bool = False,
-          seed: int = 0, progress=print) -> dict:
+          seed: int = 0, cpu_kernels: bool = True, progress=print) -> dict:
     """Run every combination, `warmup` untimed runs first, `repeats` timed; results as a dict for JSON.
 
     With `hf_model` (the same weights, e.g. from `to_hf_gpt2_state_dict`), each cached setting
@@ -330,8 +328,14 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
     and "static", its preallocated one; both eager), an uncached one once, and the run checks
     that every backend produced the tokens kvlab did. `compile=True` adds kvlab's compiled
     decode step ("kvlab-compile"). Within a setting the backends take turns, one run each per
-    round, so a machine that slows down during the sweep slows them all alike.
+    round, so a machine that slows down during the sweep slows them all alike. With `cpu_kernels`
+    (the default), kvlab's eager runs on a CPU use the linear kernel measured fastest for this
+    model and batch size (`kvlab.cpu_kernels.measured_linears`); the model is unchanged afterwards.
     """
+    def kvlab_run(idx, N, cached):
+        with measured_linears(model, idx.size(0)) if cpu_kernels else contextlib.nullcontext():
+            return time_generation(model, idx, N, use_cache=cached)
+
     device = model.device
     results = []
     for B in batch_sizes:
@@ -340,7 +344,7 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
             idx = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
             for N in new_tokens:
                 for cached in use_cache:
-                    backends = [("kvlab", lambda: time_generation(model, idx, N, use_cache=cached))]
+                    backends = [("kvlab", functools.partial(kvlab_run, idx, N, cached))]
                     if compile and cached:
                         backends.append(("kvlab-compile", lambda: time_generation(model, idx, N, compile=True)))
                     if hf_model is not None:
@@ -379,71 +383,3 @@ def sweep(model: GPT, *, batch_sizes=(1,), prompt_lens=(32,), new_tokens=(128,),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "results": results,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.bench`: sweep cached and uncached generation and write JSON (and a plot).
-
-    The command line lives in `kvlab.bench_cli` (its flags, their checks, --serving,
-    --speedup-table, --beyond)."""
-    from .bench_cli import main
-
-    return main(argv)
-
-
-# -- chapter 10: beam search, speculative decoding, the int8 cache ------------------------------------
-
-BEYOND_PROMPTS = ("ROMEO:\n", "KING HENRY:\nNow, ", "First Citizen:\n", "LADY CAPULET:\nWhat, ")
-
-
-def beyond(*, ks=(1, 2, 4, 8), new_tokens: int = 256, windows: int = 200, repeats: int = 3,
-           prompts=BEYOND_PROMPTS, toy_steps: int = 90, toy_test: int = 500) -> dict:
-    """Chapter 10's measurements on the shipped Shakespeare model, in one run: speculative greedy
-    decoding against plain greedy (n-gram draft fitted on the training text, and the shipped draft
-    model), the int8 cache against float32 (`kvlab.quantized.cache_quality`), and exact match of
-    greedy and beam search on chapter 8's toy tasks (models trained for `toy_steps` steps).
-    Built in chapter 10."""
-    from .beam import toy_beam_accuracy
-    from .data import Seq2SeqVocab, load_shakespeare_text, toy_pairs, train_val_split
-    from .pretrained import load_shakespeare
-    from .quantized import cache_quality
-    from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer, train_toy
-    from .speculative import NGramDraft, load_shakespeare_draft, speedup
-
-    model, tok = load_shakespeare()
-    draft = load_shakespeare_draft()
-    train_text, val_text = train_val_split(load_shakespeare_text())
-    ngram = NGramDraft(4, torch.tensor(tok.encode(train_text)), vocab_size=model.config.vocab_size)
-    ids = [torch.tensor([tok.encode(p)]) for p in prompts]
-    result: dict = {"device": describe_device(torch.device("cpu")), "cpu": _cpu_model(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "prompts": list(prompts)}
-    result["speculative"] = speedup(model, {"ngram (order 4, training text)": ngram, "draft model (1 layer)": draft},
-                                    ids, new_tokens=new_tokens, ks=tuple(ks), repeats=repeats)
-    result["int8_cache"] = cache_quality(model, torch.tensor(tok.encode(val_text)), ids, windows=windows,
-                                         new_tokens=new_tokens)
-    vocab = Seq2SeqVocab()
-    toy = {}
-    for task in ("reverse", "sort"):
-        test = toy_pairs(toy_test, task=task, seed=1)
-        train_pairs = toy_pairs(20_000, task=task, seed=0, exclude={s for s, _ in test})
-        torch.manual_seed(0)
-        toy_model = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=len(vocab), max_seq_len=12, d_model=64, n_layers=2,
-                                                     n_heads=4, d_ff=128))
-        train_toy(toy_model, train_pairs, vocab, steps=toy_steps, seed=0)
-        toy[task] = {f"beams_{k}": toy_beam_accuracy(toy_model, test, vocab, num_beams=k) for k in (1, 2, 4)}
-    result["beam_toy_exact_match"] = {"train_steps": toy_steps, "test_pairs": toy_test, **toy}
-    return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

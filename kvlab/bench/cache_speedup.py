@@ -14,18 +14,18 @@ computation done two ways. Built in chapter 5.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from .device import describe_device
+from ..device import describe_device
+from ..gpt import GPT
+from .timing import time_generation
 
-__all__ = ["DEFAULT_LENGTHS", "speedup_table", "speedup_markdown", "add_speedup_arguments", "run_speedup_cli"]
+__all__ = ["DEFAULT_LENGTHS", "speedup_table", "speedup_markdown"]
 
 DEFAULT_LENGTHS = (100, 200, 300, 500)
 
@@ -55,11 +55,10 @@ def speedup_table(model, lengths: Sequence[int] = DEFAULT_LENGTHS, *, prompt_len
     `clock="wall"` times each generation as `kvlab.bench` does (wall time between device
     synchronisations). `clock="process"` counts the CPU seconds this process spent instead: on
     a CPU shared with other jobs, wall time mostly measures the others, while CPU time (best
-    with one thread) still measures what each generation cost. CPU only. Built in chapter 5.
+    with one thread) still measures what each generation cost. CPU only. The model is timed as it
+    is (`python -m kvlab.bench --speedup-table` first makes the CPU kernel choice,
+    `kvlab.cpu_kernels.fast_cpu_inference`). Built in chapter 5.
     """
-    from .bench import time_generation
-    from .gpt import GPT
-
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
     lengths = _check_lengths(lengths)
@@ -143,50 +142,3 @@ def speedup_markdown(table: dict, title: str | None = None) -> str:
               f"- total time saved: {s['time_saved_s']:.2f} s of {s['uncached_total_s']:.2f} s "
               f"({s['time_saved_pct']:.1f}%)"]
     return "\n".join(lines) + "\n"
-
-
-# -- the command line (called from `python -m kvlab.bench --speedup-table`) --------------------------
-
-
-def add_speedup_arguments(parser) -> None:
-    """The flags `python -m kvlab.bench` takes for the speed-up table."""
-    from ._cli import positive_ints
-
-    group = parser.add_argument_group("speed-up table (--speedup-table)")
-    group.add_argument("--speedup-table", action="store_true",
-                       help="instead of a sweep: time cached vs uncached generation for each of --lengths new "
-                            "tokens, and write the speed-up table as JSON (--out) and Markdown (same name, .md); "
-                            "--plot draws tokens/s against the number of generated tokens, cached and uncached")
-    group.add_argument("--lengths", type=positive_ints, default=list(DEFAULT_LENGTHS),
-                       help="new-token counts for --speedup-table, comma-separated (default 100,200,300,500)")
-    group.add_argument("--clock", choices=["wall", "process"], default="wall",
-                       help="wall: wall time between device syncs (default); process: CPU seconds this process used "
-                            "(a CPU shared with other jobs; best with --threads 1)")
-    group.add_argument("--note", default=None, help="a remark stored with the table (e.g. how loaded the machine was)")
-
-
-def run_speedup_cli(args, parser, model, command: str) -> int:
-    """Run the table for parsed `args` on `model` (its lengths already checked against the model by
-    `kvlab.bench_cli`); write JSON, Markdown and, with --plot, the tokens/s chart. Returns the exit code."""
-    try:
-        table = speedup_table(model, args.lengths, prompt_len=args.prompt_lens[0], batch_size=args.batch_sizes[0],
-                              repeats=args.repeats, clock=args.clock)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.note:
-        table["note"] = args.note
-    table["model_name"] = args.model
-    table["command"] = command
-    out = Path(args.out)
-    out.write_text(json.dumps(table, indent=1) + "\n")
-    md = out.with_suffix(".md")
-    shape = " shape" if getattr(args, "random_weights", False) else ""
-    md.write_text(speedup_markdown(table, title=f"KV cache speed-up, {args.model}{shape}"))
-    print(speedup_markdown(table))
-    print(f"wrote {out} and {md}")
-    if args.plot:
-        from .viz import plot_speedup
-
-        plot_speedup(table).savefig(args.plot, dpi=120, bbox_inches="tight")
-        print(f"wrote {args.plot}")
-    return 0

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ._cli import (SHAPE_FLAGS, Parser, add_shape_arguments, apply_shape_flags, pick_device_or_exit,
+from .._cli import (SHAPE_FLAGS, Parser, add_shape_arguments, apply_shape_flags, pick_device_or_exit,
                    positive_float, positive_int)
-from .gpt import GPT, GPTConfig
-from .train import (PRESET_TOKENIZERS, TRAIN_PRESETS, TrainConfig, evaluate_split, export_model, precision_for,
+from ..gpt import GPT, GPTConfig
+from . import (PRESET_TOKENIZERS, TRAIN_PRESETS, TrainConfig, evaluate_split, export_model, precision_for,
                     read_checkpoint_header, train)
 
 __all__ = ["build_parser", "main"]
@@ -202,7 +202,7 @@ def _check_run_folder(parser: Parser, args, kind: str, model_kwargs: dict) -> di
 
 def _bpe_tokenizer(text: str, vocab_size: int, min_frequency: int):
     """Train the BPE; when the text yields fewer ids than asked, say so in one line."""
-    from .tokenizers import BPETokenizer
+    from ..tokenizers import BPETokenizer
 
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")
@@ -218,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m kvlab.train`: train a GPT (characters or BPE) on Tiny Shakespeare."""
     import platform
 
-    from .data import load_shakespeare_text, train_val_split
-    from .device import describe_device
-    from .tokenizers import CharTokenizer, tokenizer_from_state, tokenizer_state
-    from .train import check_tensorboard
+    from ..data import load_shakespeare_text, train_val_split
+    from ..device import describe_device
+    from ..tokenizers import CharTokenizer, tokenizer_from_state, tokenizer_state
+    from . import check_tensorboard
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,7 +15,6 @@ fixed-shape step of `kvlab.compiled`, compiled by `torch.compile`.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import time
 
@@ -27,7 +26,6 @@ from ..compiled import COMPILABLE_CACHE_KINDS, advance, compiled_decode_step, pr
 from ..device import synchronize
 from ..gpt import GPT
 from ..sampling import check_sampling_args, logits_to_probs, sample
-from ..speedups import measured_linears
 
 __all__ = ["next_token", "generate_naive", "prefill", "decode_step", "generate"]
 
@@ -61,7 +59,7 @@ def prefill(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
     steps. Built in chapter 4.
     """
     start = model.check_inputs(idx, cache, 0)
-    return model._forward(idx, cache, start, last_only=True)[:, -1]
+    return model.forward_unchecked(idx, cache, start, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
@@ -72,7 +70,7 @@ def decode_step(model: GPT, token: Tensor, cache: KVCache) -> Tensor:
     cache and its query attends over everything cached. Built in chapter 4.
     """
     start = cache.length
-    return model._forward(token, cache, start, last_only=True)[:, -1]
+    return model.forward_unchecked(token, cache, start, last_only=True)[:, -1]
 
 
 def check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator) -> None:
@@ -87,7 +85,7 @@ def check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, 
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
+def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
                          generator, eos_id, cache, compile=False) -> int:
     """Every argument of `generate`, checked before any work. Returns the prompt length."""
     if not isinstance(model, GPT):
@@ -155,8 +153,8 @@ def generate(
     on a GPU; see `kvlab.compiled`): the same tokens, with a static or sliding cache only, and
     the first call for a new shape pays for compiling. Built in chapter 4 (`compile` in chapter 5).
     """
-    T = _check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                             generator, eos_id, cache, compile)
+    T = check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
+                            generator, eos_id, cache, compile)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     max_new_tokens = int(max_new_tokens)
@@ -167,50 +165,47 @@ def generate(
     if max_new_tokens == 0:
         return out
     choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
-    # On a CPU, decode with the linear kernel this machine measured fastest for this model, if it
-    # is not plain nn.Linear's (kvlab.speedups, chapter 5); the model is unchanged afterwards.
-    with measured_linears(model, B) if not compile else contextlib.nullcontext():
-        if stats is not None:
-            synchronize(idx.device)
-            start = time.perf_counter()
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    if stats is not None:
+        synchronize(idx.device)
+        start = time.perf_counter()
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
 
-        if use_cache:
-            if cache is None:
-                if model.config.window is not None and model.config.pos == "rope":
-                    cache = model.new_cache(B, kind="sliding")
-                else:
-                    cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
-            cache.reset()
-            logits = prefill(model, idx, cache)
-            if compile:
-                prepare_cache(cache)
-                input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
-        else:
-            logits = model._forward(idx, None, 0, last_only=True)[:, -1]
-        if stats is not None:
-            synchronize(idx.device)
-            prefilled = time.perf_counter()
-
-        n = 0
-        for n in range(1, max_new_tokens + 1):
-            token = next_token(logits, **choose)  # (B, 1)
-            if finished is not None:
-                token = torch.where(finished[:, None], eos_id, token)
-                finished |= token[:, 0] == eos_id
-            out[:, T + n - 1] = token[:, 0]
-            if n == max_new_tokens or (finished is not None and bool(finished.all())):
-                break
-            if compile:
-                logits = compiled_decode_step(model, token, input_pos, cache)
-                advance(cache, T + n)
-                input_pos += 1
-            elif use_cache:
-                logits = decode_step(model, token, cache)
+    if use_cache:
+        if cache is None:
+            if model.config.window is not None and model.config.pos == "rope":
+                cache = model.new_cache(B, kind="sliding")
             else:
-                logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
-        if stats is not None:
-            synchronize(idx.device)
-            end = time.perf_counter()
-            stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
-        return out[:, : T + n]
+                cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
+        cache.reset()
+        logits = prefill(model, idx, cache)
+        if compile:
+            prepare_cache(cache)
+            input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
+    else:
+        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
+    if stats is not None:
+        synchronize(idx.device)
+        prefilled = time.perf_counter()
+
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        token = next_token(logits, **choose)  # (B, 1)
+        if finished is not None:
+            token = torch.where(finished[:, None], eos_id, token)
+            finished |= token[:, 0] == eos_id
+        out[:, T + n - 1] = token[:, 0]
+        if n == max_new_tokens or (finished is not None and bool(finished.all())):
+            break
+        if compile:
+            logits = compiled_decode_step(model, token, input_pos, cache)
+            advance(cache, T + n)
+            input_pos += 1
+        elif use_cache:
+            logits = decode_step(model, token, cache)
+        else:
+            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
+    if stats is not None:
+        synchronize(idx.device)
+        end = time.perf_counter()
+        stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
+    return out[:, : T + n]

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-import kvlab.bench
-from kvlab.bench import GenerationTiming, main
-from kvlab.speedup import speedup_markdown, speedup_table
+import kvlab.bench.cache_speedup
+from kvlab.bench import GenerationTiming
+from kvlab.bench.cli import main
+from kvlab.bench import speedup_markdown, speedup_table
 from conftest import make_model
 
 
@@ -23,7 +24,7 @@ def fake_timer(cached_per_token=0.01, uncached_per_token_squared=0.001, corrupt=
 
 
 def test_rows_and_summary_are_computed_from_the_timings(monkeypatch):
-    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer())
+    monkeypatch.setattr(kvlab.bench.cache_speedup, "time_generation", fake_timer())
     table = speedup_table(make_model("gpt2"), [10, 20, 40], prompt_len=4, progress=None)
     rows = {r["new_tokens"]: r for r in table["rows"]}
     # uncached 0.1, 0.4, 1.6 s; cached 0.1, 0.2, 0.4 s
@@ -41,7 +42,7 @@ def test_rows_and_summary_are_computed_from_the_timings(monkeypatch):
 
 
 def test_a_cache_that_changes_the_tokens_is_caught(monkeypatch):
-    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer(corrupt=True))
+    monkeypatch.setattr(kvlab.bench.cache_speedup, "time_generation", fake_timer(corrupt=True))
     with pytest.raises(AssertionError, match="differ"):
         speedup_table(make_model("gpt2"), [5], prompt_len=4, progress=None)
 
@@ -86,7 +87,7 @@ def test_process_clock_counts_cpu_seconds(monkeypatch):
 
     ticks = iter(range(100))
     monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
-    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer())
+    monkeypatch.setattr(kvlab.bench.cache_speedup, "time_generation", fake_timer())
     table = speedup_table(make_model("gpt2"), [10], prompt_len=4, clock="process", progress=None)
     assert table["clock"] == "process" and table["rows"][0]["cached_s"] == table["rows"][0]["uncached_s"] == 1.0
     assert "CPU seconds" in speedup_markdown(table)
@@ -97,7 +98,7 @@ def test_process_clock_counts_cpu_seconds(monkeypatch):
 def test_the_plot_draws_tokens_per_second_against_length(monkeypatch, tmp_path):
     from kvlab.viz import plot_speedup
 
-    monkeypatch.setattr(kvlab.bench, "time_generation", fake_timer())
+    monkeypatch.setattr(kvlab.bench.cache_speedup, "time_generation", fake_timer())
     table = speedup_table(make_model("gpt2"), [10, 20, 40], prompt_len=4, batch_size=2, progress=None)
     fig = plot_speedup(table)
     cached, uncached = fig.axes[0].get_lines()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .._cli import Parser, non_negative_int, pick_device_or_exit, positive_int
+from ..cpu_kernels import fast_cpu_inference
 from ..models import MODEL_HELP, load_checkpoint_model, load_model
 
 __all__ = ["build_parser", "load", "load_checkpoint_model", "TextStream", "stream_generate", "read_prompt", "main"]
@@ -141,9 +142,9 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
     chapter 7.
     """
     from ..device import synchronize
-    from . import _check_generate_args, decode_step, next_token, prefill
+    from . import check_generate_args, decode_step, next_token, prefill
 
-    _check_generate_args(model, idx, max_new_tokens, use_cache, sampling.get("temperature", 1.0),
+    check_generate_args(model, idx, max_new_tokens, use_cache, sampling.get("temperature", 1.0),
                          sampling.get("top_k"), sampling.get("top_p"), sampling.get("min_p"), generator, None, None)
     import time
 
@@ -160,7 +161,7 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
             model.new_cache(1, max_seq_len=T + max_new_tokens)
         logits = prefill(model, idx, cache)
     else:
-        logits = model._forward(idx, None, 0, last_only=True)[:, -1]
+        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
     synchronize(device)
     prefilled = time.perf_counter()
     outside = 0.0  # time spent printing, left out of the decode time
@@ -179,7 +180,7 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
         if use_cache:
             logits = decode_step(model, token, cache)
         else:
-            logits = model._forward(out[:, : T + n], None, 0, last_only=True)[:, -1]
+            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
     synchronize(device)
     end = time.perf_counter()
     return out[:, : T + n], {"prefill_s": prefilled - start, "decode_s": end - prefilled - outside,
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(prompt)
     except (ValueError, OSError) as err:  # OSError: a missing file, a failed download
         parser.error(str(err))
+    fast_cpu_inference(model)  # this process's CPU linear-kernel choice, made once (chapter 5)
     eos_id = _eos_id(parser, tokenizer) if args.eos else None
     source = "--prompt-file" if args.prompt_file is not None else "--prompt"
     if not ids:

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ._cli import (Parser, add_shape_arguments, apply_shape_flags, command_line, pick_device_or_exit, positive_int,
-                   positive_ints, shape_flags_given)
-from .gpt import GPT, GPTConfig
+from .._cli import (Parser, add_shape_arguments, apply_shape_flags, command_line, pick_device_or_exit, positive_int,
+                    positive_ints, shape_flags_given)
+from ..cpu_kernels import fast_cpu_inference
+from ..gpt import GPT, GPTConfig
+from .chapter10 import beyond
+from .serving import plot_serving, serving_bench
+from .cache_speedup import DEFAULT_LENGTHS, speedup_markdown, speedup_table
+from .timing import decode_weight_bytes, read_bandwidth, sweep
 
 __all__ = ["build_parser", "main"]
 
@@ -50,8 +55,6 @@ chapter 5's recorded runs: bash scripts/record_bench_cpu.sh"""
 
 
 def build_parser() -> Parser:
-    from .speedup import add_speedup_arguments
-
     parser = Parser(
         prog="python -m kvlab.bench",
         description="Time generation with and without the KV cache: time to first token (prefill), time per "
@@ -115,7 +118,7 @@ def build_parser() -> Parser:
 
 def _config(parser: Parser, args) -> tuple[GPTConfig, bool]:
     """The model's configuration, read without building it, and whether it is a shape (random weights)."""
-    from .models import model_config, shape_config
+    from ..models import model_config, shape_config
 
     kwargs = shape_config(args.model)
     if kwargs is not None:
@@ -194,7 +197,7 @@ def _model(args, config: GPTConfig, random_weights: bool, device: torch.device) 
         torch.manual_seed(0)
         model = GPT(config)
     else:
-        from .models import load_model
+        from ..models import load_model
 
         model = load_model(args.model, device)[0]
     return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
@@ -227,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.serving:
         return run_serving(model, args, command)
     if args.speedup_table:
-        from .speedup import run_speedup_cli
-
         return run_speedup_cli(args, parser, model, command)
     return _run_sweep(model, args, command)
 
@@ -240,13 +241,11 @@ def _write(result: dict, args, command: str) -> None:
 
 
 def _run_sweep(model: GPT, args, command: str) -> int:
-    from .bench import decode_weight_bytes, read_bandwidth, sweep
-
     hf_model = None
     if args.hf:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from .pretrained import to_hf_gpt2_state_dict
+        from ..pretrained import to_hf_gpt2_state_dict
 
         c = model.config
         hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
@@ -266,7 +265,7 @@ def _run_sweep(model: GPT, args, command: str) -> int:
     result["model_name"] = args.model
     _write(result, args, command)
     if args.plot:
-        from .viz import plot_bench
+        from ..viz import plot_bench
 
         plot_bench(result).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"wrote {args.plot}")
@@ -277,8 +276,6 @@ def run_serving(model: GPT, args, command: str) -> int:
     """`python -m kvlab.bench --serving`: chapter 9's measurements on `model`, written as JSON (and a plot).
 
     Built in chapter 9."""
-    from .serving_bench import plot_serving, serving_bench
-
     result = serving_bench(model, batch_sizes=args.serving_batch_sizes, prompt_len=args.prompt_lens[0],
                            new_tokens=args.serving_new_tokens, uncached_budget_s=args.serving_uncached_budget)
     _write(result, args, command)
@@ -291,8 +288,6 @@ def run_serving(model: GPT, args, command: str) -> int:
 
 
 def _beyond_main(args, command: str) -> int:
-    from .bench import beyond
-
     if args.threads:
         torch.set_num_threads(args.threads)
     result = beyond(ks=args.beyond_ks, new_tokens=args.beyond_new_tokens, windows=args.beyond_windows,
@@ -300,4 +295,50 @@ def _beyond_main(args, command: str) -> int:
     result["note"] = ("one run on a machine shared with other jobs: absolute tokens/s are loaded numbers; the "
                       "speed-ups are ratios within this run (plain and speculative interleaved)")
     _write(result, args, command)
+    return 0
+
+
+# -- the speed-up table (`python -m kvlab.bench --speedup-table`) -----------------------------------
+
+
+def add_speedup_arguments(parser) -> None:
+    """The flags `python -m kvlab.bench` takes for the speed-up table."""
+    group = parser.add_argument_group("speed-up table (--speedup-table)")
+    group.add_argument("--speedup-table", action="store_true",
+                       help="instead of a sweep: time cached vs uncached generation for each of --lengths new "
+                            "tokens, and write the speed-up table as JSON (--out) and Markdown (same name, .md); "
+                            "--plot draws tokens/s against the number of generated tokens, cached and uncached")
+    group.add_argument("--lengths", type=positive_ints, default=list(DEFAULT_LENGTHS),
+                       help="new-token counts for --speedup-table, comma-separated (default 100,200,300,500)")
+    group.add_argument("--clock", choices=["wall", "process"], default="wall",
+                       help="wall: wall time between device syncs (default); process: CPU seconds this process used "
+                            "(a CPU shared with other jobs; best with --threads 1)")
+    group.add_argument("--note", default=None, help="a remark stored with the table (e.g. how loaded the machine was)")
+
+
+def run_speedup_cli(args, parser, model, command: str) -> int:
+    """Run the table for parsed `args` on `model` (its lengths already checked against the model by
+    `main`); write JSON, Markdown and, with --plot, the tokens/s chart. Returns the exit code."""
+    fast_cpu_inference(model, args.batch_sizes[0])  # the CPU kernel choice, made once for this process
+    try:
+        table = speedup_table(model, args.lengths, prompt_len=args.prompt_lens[0], batch_size=args.batch_sizes[0],
+                              repeats=args.repeats, clock=args.clock)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.note:
+        table["note"] = args.note
+    table["model_name"] = args.model
+    table["command"] = command
+    out = Path(args.out)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    md = out.with_suffix(".md")
+    shape = " shape" if getattr(args, "random_weights", False) else ""
+    md.write_text(speedup_markdown(table, title=f"KV cache speed-up, {args.model}{shape}"))
+    print(speedup_markdown(table))
+    print(f"wrote {out} and {md}")
+    if args.plot:
+        from ..viz import plot_speedup
+
+        plot_speedup(table).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
     return 0
