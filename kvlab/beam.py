@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["reorder_cache", "search", "beam_search", "beam_step_seq2seq"]
 
 _NEG = -1.0e9  # the score of a beam that must not be chosen (finite, as Hugging Face's, so sums stay finite)
-_BATCHED = ("k", "v", "k_scale", "v_scale", "k_offset", "v_offset")  # per-row tensors of a layer cache; `pos` is shared by all rows
 
 
 def reorder_cache(cache: "KVCache | EncoderDecoderCache", index: Tensor) -> None:
@@ -64,20 +63,7 @@ def reorder_cache(cache: "KVCache | EncoderDecoderCache", index: Tensor) -> None
         raise TypeError(f"cache must be a KVCache or an EncoderDecoderCache, got {type(cache).__name__}")
     if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
         raise TypeError("index must be a 1-D torch.long tensor of row numbers")
-    for layer in kv.layers:
-        for name in _BATCHED:
-            t = getattr(layer, name, None)
-            if t is None:
-                continue
-            idx = index.to(t.device)
-            if t.size(0) == idx.numel() and layer.kind == "static":
-                n = layer.length  # only the filled prefix: later slots are never read
-                t[:, :, :n] = t[:, :, :n].index_select(0, idx)
-            elif t.size(0) == idx.numel() and layer.kind == "sliding":
-                t.copy_(t.index_select(0, idx))  # in place: the buffers keep their addresses
-            else:
-                setattr(layer, name, t.index_select(0, idx))  # new rows (dynamic, or a new batch size)
-    kv.batch_size = index.numel()
+    kv.reorder(index)  # each layer cache gathers its own rows (kvlab.cache, kvlab.quantized)
 
 
 # -- checks ---------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ Every per-layer cache answers three questions:
     update(k, v, input_pos)  -> (k_all, v_all), each (B, Hkv, S, D)
     reset()                              forget everything (keep the memory)
 and keeps `length`, the number of positions written so far (the next position to write).
+Chapter 10 adds two operations each cache does to itself, so no other module writes its tensors:
+    reorder(index)           row i now holds what row index[i] held (beam search)
+    crop(length, saved=None) forget every position >= length (speculative decoding's rollback);
+                             a sliding ring also needs `saved = save(start, T)`, taken before the
+                             write it undoes, since that write overwrote older positions' slots
 
 `input_pos` is always a contiguous run of absolute positions on the CPU, (T,) long: the model
 validates it once per forward, so the caches can read its first element for free.
@@ -21,6 +26,8 @@ Built in chapter 4.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
@@ -61,6 +68,36 @@ def kv_cache_bytes(
     return n_layers * 2 * n_kv_heads * head_dim * seq_len * batch_size * itemsize
 
 
+def _check_length(layer, length) -> int:
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= layer.length:
+        raise ValueError(f"length must be an int in [0, cache length {layer.length}], got {length!r}")
+    return int(length)
+
+
+def _check_index(index) -> None:
+    if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
+        raise TypeError("index must be a 1-D torch.long tensor of row numbers")
+
+
+def reorder_slots(layer, index: Tensor, filled: int | None = None) -> None:
+    """Gather the rows of every tensor named in `layer.row_tensors` (B, Hkv, slots, ·) by `index`.
+
+    For the same number of rows the gather is written back in place, so the buffers keep their
+    addresses (a CUDA graph may hold them); `filled` limits it to the slots [0, filled) that can
+    be read. A different number of rows (one prompt fanned out to K beams) makes new tensors.
+    """
+    _check_index(index)
+    for name in layer.row_tensors:
+        t = getattr(layer, name)
+        rows = index.to(t.device)
+        if rows.numel() != t.size(0):
+            setattr(layer, name, t.index_select(0, rows))
+        elif filled is None:
+            t.copy_(t.index_select(0, rows))
+        else:
+            t[:, :, :filled] = t[:, :, :filled].index_select(0, rows)
+
+
 class DynamicLayerCache:
     """The concat cache: keep all keys/values and `torch.cat` the new ones on.
 
@@ -95,6 +132,24 @@ class DynamicLayerCache:
     def reset(self) -> None:
         self.k = self.v = None
         self.length = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i now holds what row `index[i]` held; `index` (R,) long may change the batch size."""
+        _check_index(index)
+        if self.k is not None:
+            self.k = self.k.index_select(0, index.to(self.k.device))
+            self.v = self.v.index_select(0, index.to(self.v.device))
+
+    def save(self, start: int, T: int) -> None:
+        """Nothing to save: a concatenating cache overwrites nothing (see `SlidingWindowLayerCache.save`)."""
+        return None
+
+    def crop(self, length: int, saved=None) -> None:
+        """Forget every position >= `length`: cut the tensors."""
+        length = _check_length(self, length)
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+        self.length = length
 
     @property
     def nbytes(self) -> int:
@@ -134,6 +189,25 @@ class StaticLayerCache:
     def reset(self) -> None:
         # Old values may stay: slots at or past `length` are never returned.
         self.length = 0
+
+    row_tensors = ("k", "v")  # (B, Hkv, N, D): what `reorder` gathers
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i now holds what row `index[i]` held (only the filled slots [0, length) are moved)."""
+        reorder_slots(self, index, filled=self.length)
+
+    def save(self, start: int, T: int) -> None:
+        """Nothing to save: a write at positions >= length overwrites no position that is kept."""
+        return None
+
+    def crop(self, length: int, saved=None) -> None:
+        """Forget every position >= `length`: move the write position back (later slots are never read)."""
+        self.length = _check_length(self, length)
+
+    def mark_written(self, length: int) -> None:
+        """Record that positions [0, length) are in the buffers, written there by a fixed-shape step
+        that has no Python ints (`kvlab.compiled`)."""
+        self.length = int(length)
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +268,47 @@ class SlidingWindowLayerCache:
     def reset(self) -> None:
         self.pos.fill_(-1)
         self.length = 0
+
+    row_tensors = ("k", "v")  # (B, Hkv, W, D): what `reorder`, `save` and `crop` move; `pos` is shared by all rows
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i now holds what row `index[i]` held (in place for the same number of rows)."""
+        reorder_slots(self, index)
+
+    def save(self, start: int, T: int) -> dict:
+        """Before feeding T tokens at positions start.., copy the ring slots they will overwrite:
+        what `crop` needs to undo that write. At most W positions can be undone."""
+        if T > self.window:
+            raise ValueError(f"cannot save {T} positions of a sliding cache with window {self.window}: "
+                             f"feed at most {self.window}")
+        slots = torch.arange(start, start + T, device=self.pos.device) % self.window
+        saved = {"slots": slots, "pos": self.pos[slots].clone()}
+        for name in self.row_tensors:
+            t = getattr(self, name)
+            saved[name] = t[:, :, slots.to(t.device)].clone()
+        return saved
+
+    def crop(self, length: int, saved: dict | None = None) -> None:
+        """Forget every position >= `length`: their slots get back what `saved` (from `save`, taken
+        before the write that put them there) held."""
+        length = _check_length(self, length)
+        if length == self.length:
+            return
+        if saved is None:
+            raise ValueError("a sliding-window cache overwrote older slots when it was fed: crop it with the copy "
+                             "from save(start, T) taken before that write, or use a static cache")
+        slots = saved["slots"].to(self.pos.device)
+        undo = self.pos[slots] >= length  # slots now holding a forgotten position
+        self.pos[slots[undo]] = saved["pos"][undo]
+        for name in self.row_tensors:
+            t = getattr(self, name)
+            t[:, :, slots[undo].to(t.device)] = saved[name][:, :, undo.to(t.device)]
+        self.length = length
+
+    def mark_written(self, length: int) -> None:
+        """Record that positions up to length - 1 are in the ring, written there (slots and `pos`) by a
+        fixed-shape step that has no Python ints (`kvlab.compiled`)."""
+        self.length = int(length)
 
     @property
     def nbytes(self) -> int:
@@ -267,6 +382,32 @@ class KVCache:
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i of every layer now holds what row `index[i]` held; `index` is (R,) long and may be
+        longer than the batch (one prompt fanned out to K beams). Built in chapter 10."""
+        _check_index(index)
+        for layer in self.layers:
+            layer.reorder(index)
+        self.batch_size = index.numel()
+
+    def save(self, start: int, T: int) -> list | None:
+        """What `crop` needs to undo feeding T tokens at positions start..: for a sliding ring, the slots
+        they will overwrite (None for the other kinds, which overwrite nothing kept). Built in chapter 10."""
+        saved = [layer.save(start, T) for layer in self.layers]
+        return None if all(s is None for s in saved) else saved
+
+    def crop(self, length: int, saved: list | None = None) -> None:
+        """Forget every position >= `length`, as if those tokens had never been fed; a sliding ring
+        needs `saved` from `save` taken before they were. Built in chapter 10."""
+        _check_length(self, length)
+        for i, layer in enumerate(self.layers):
+            layer.crop(length, None if saved is None else saved[i])
+
+    def mark_written(self, length: int) -> None:
+        """Record that a fixed-shape step (`kvlab.compiled`) wrote positions up to length - 1."""
+        for layer in self.layers:
+            layer.mark_written(length)
 
     def check(self, start: int, T: int, batch_size: int) -> None:
         """Raise ValueError if feeding T tokens at positions start..start+T-1 is not allowed."""

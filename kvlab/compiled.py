@@ -91,8 +91,7 @@ def decode_step_fixed_shape(model, token: Tensor, input_pos: Tensor, cache: KVCa
 
 def advance(cache: KVCache, length: int) -> None:
     """Record that positions 0..length-1 are now in `cache` (a fixed-shape step cannot: it has no ints)."""
-    for layer in cache.layers:
-        layer.length = length
+    cache.mark_written(length)
 
 
 def compile_mode(device: torch.device) -> str | None:

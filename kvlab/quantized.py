@@ -18,7 +18,8 @@ itself still runs in the model's dtype: the cache dequantizes what it returns, s
 in what is *kept*, not in the arithmetic.
 
 The two layer caches here have the same interface as `kvlab.cache`'s (key_positions, update,
-reset, length, nbytes) and are made by `model.new_cache(..., quantize="int8")`.
+reset, length, nbytes, and chapter 10's reorder, save, crop) and are made by
+`model.new_cache(..., quantize="int8")` (`int8_cache`).
 Built in chapter 10.
 """
 
@@ -120,6 +121,11 @@ class Int8StaticLayerCache:
         self.length = 0
 
     key_positions = StaticLayerCache.key_positions  # the same positions as the float cache
+    # reorder, save, crop and mark_written work on the tensors named in `row_tensors`: the float
+    # cache's own, applied to the int8 numbers with their steps and minimums.
+    row_tensors = ROW_TENSORS
+    reorder, save, crop, mark_written = (StaticLayerCache.reorder, StaticLayerCache.save, StaticLayerCache.crop,
+                                         StaticLayerCache.mark_written)
 
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         start, end = int(input_pos[0]), int(input_pos[-1]) + 1
@@ -161,6 +167,9 @@ class Int8SlidingWindowLayerCache:
         self.length = 0
 
     key_positions = SlidingWindowLayerCache.key_positions  # the same ring bookkeeping as the float cache
+    row_tensors = ROW_TENSORS
+    reorder, save, crop, mark_written = (SlidingWindowLayerCache.reorder, SlidingWindowLayerCache.save,
+                                         SlidingWindowLayerCache.crop, SlidingWindowLayerCache.mark_written)
 
     def _ring(self) -> tuple[Tensor, Tensor]:
         return (dequantize_int8(self.k, self.k_scale, self.k_offset, self.dtype),  # (B, Hkv, W, D)

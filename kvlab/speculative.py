@@ -142,30 +142,17 @@ class NGramDraft:
 
 # -- rolling a cache back ------------------------------------------------------------------------
 
-_BATCHED = ("k", "v", "k_scale", "v_scale", "k_offset", "v_offset")  # int8 caches: numbers, steps, minimums
-
 
 def save_ring(cache: KVCache, start: int, T: int) -> list[dict] | None:
     """Before feeding T tokens at positions start.., copy the sliding-ring slots they will overwrite.
 
     Returns what `rollback_cache` needs to undo the write (None for a static or dynamic cache,
-    which need no copy). Built in chapter 10.
+    which need no copy): `cache.save(start, T)`, each layer cache saving its own slots. Built in
+    chapter 10.
     """
-    if cache.kind != "sliding":
-        return None
-    W = cache.window
-    if T > W:
-        raise ValueError(f"cannot save {T} positions of a sliding cache with window {W}: feed at most {W}")
-    slots = torch.arange(start, start + T) % W
-    saved = []
-    for layer in cache.layers:
-        entry = {"slots": slots, "pos": layer.pos[slots.to(layer.pos.device)].clone()}
-        for name in _BATCHED:
-            t = getattr(layer, name, None)
-            if t is not None:
-                entry[name] = t[:, :, slots.to(t.device)].clone()
-        saved.append(entry)
-    return saved
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    return cache.save(start, T)
 
 
 def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None) -> None:
@@ -174,7 +161,8 @@ def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None)
     Static cache: move the write position back (old values past it are never read). Dynamic:
     cut the tensors. Sliding ring: the forward overwrote slots that held older positions, so
     `saved` (from `save_ring` before that forward) must be given; the slots of the forgotten
-    positions get their old contents back. Built in chapter 10.
+    positions get their old contents back. Each layer cache does this itself (`crop`). Built in
+    chapter 10.
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
@@ -182,27 +170,10 @@ def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None)
         raise ValueError(f"length must be an int in [0, cache.length={cache.length}], got {length!r}")
     if length == cache.length:
         return
-    if cache.kind == "static":
-        for layer in cache.layers:
-            layer.length = length
-    elif cache.kind == "dynamic":
-        for layer in cache.layers:
-            layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
-            layer.length = length
-    else:
-        if saved is None:
-            raise ValueError("a sliding-window cache overwrote older slots when it was fed: roll it back with the "
-                             "copy from save_ring(cache, start, T) taken before that forward, or use a static cache")
-        for layer, entry in zip(cache.layers, saved):
-            slot_pos = layer.pos[entry["slots"].to(layer.pos.device)]
-            undo = slot_pos >= length  # slots now holding a forgotten position
-            slots = entry["slots"].to(layer.pos.device)[undo]
-            layer.pos[slots] = entry["pos"][undo]
-            for name in _BATCHED:
-                t = getattr(layer, name, None)
-                if t is not None:
-                    t[:, :, slots.to(t.device)] = entry[name][:, :, undo.to(t.device)]
-            layer.length = length
+    if cache.kind == "sliding" and saved is None:
+        raise ValueError("a sliding-window cache overwrote older slots when it was fed: roll it back with the "
+                         "copy from save_ring(cache, start, T) taken before that forward, or use a static cache")
+    cache.crop(int(length), saved)
 
 
 # -- speculative generation ----------------------------------------------------------------------

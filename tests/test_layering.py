@@ -218,3 +218,25 @@ def test_no_private_name_is_imported_from_another_module():
                         wrong.append(f"kvlab.{name or '__init__'}: from {'.' * node.level}{node.module or ''} "
                                      f"import {alias.name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_outside_the_cache_modules_assigns_a_layer_caches_tensors():
+    # Beam search, speculative decoding and the compiled step call the caches' own reorder / crop /
+    # mark_written; only kvlab.cache and kvlab.quantized assign what a layer cache holds.
+    names = {"k", "v", "pos", "length", "k_scale", "v_scale", "k_offset", "v_offset"}
+    wrong = []
+    for name, path in module_files().items():
+        if name in ("cache", "quantized"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Attribute) and t.attr in names and not (
+                            isinstance(t.value, ast.Name) and t.value.id == "self"):
+                        wrong.append(f"kvlab.{name}:{node.lineno} assigns .{t.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+                if node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "layer":
+                    wrong.append(f"kvlab.{name}:{node.lineno} setattr(layer, ...)")
+    assert not wrong, "\n".join(wrong)
