@@ -243,16 +243,17 @@ def bf16_model():
     return kvlab.GPT(kvlab.GPTConfig(vocab_size=512, max_seq_len=64, d_model=128, n_layers=2, n_heads=4)).eval()
 
 
-def measure_alternating(model, steps=8):
+def measure_alternating(model, steps=16):
     """The exercise's solution: decode steps of the float32 model and a bfloat16 copy, alternating."""
     models = (model, copy.deepcopy(model).to(torch.bfloat16))
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     runs, times = [], ([], [])
     with torch.inference_mode():
         for m in models:
-            cache = m.new_cache(1, max_seq_len=8 + steps + 1)
+            cache = m.new_cache(1, max_seq_len=8 + steps + 3)
             token = kvlab.prefill(m, prompt, cache).argmax(-1, keepdim=True)
-            kvlab.decode_step(m, token, cache)  # warm-up
+            for _ in range(3):  # warm-up
+                kvlab.decode_step(m, token, cache)
             runs.append((m, token, cache))
         for _ in range(steps):
             for (m, token, cache), out in zip(runs, times):
@@ -268,8 +269,11 @@ def fake_times(ratio, fp32_s=0.002, n=8):
     return fp32, [t * ratio for t in fp32]
 
 
-def test_bf16_times_pass_on_a_live_measurement(bf16_model, capsys):
-    checks.check_bf16_step_times(measure_alternating(bf16_model), bf16_model)
+def test_bf16_times_pass_on_a_live_measurement(capsys):
+    # Large enough that a step is mostly arithmetic, not the jitter of a busy machine.
+    torch.manual_seed(0)
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=4096, max_seq_len=64, d_model=512, n_layers=4, n_heads=8)).eval()
+    checks.check_bf16_step_times(measure_alternating(model), model)
     assert "my_bf16_step_times: all checks passed" in capsys.readouterr().out
 
 
@@ -285,7 +289,7 @@ def rounds_of(*ratios, step_s=0.002):
 def test_bf16_band_follows_the_checks_own_spread(bf16_model, monkeypatch, capsys):
     # A quiet machine: rounds agree, the band is narrow. A busy one: rounds spread, the band widens.
     monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(0.9, 0.92, 0.91, 0.9))
-    with pytest.raises(AssertionError, match="accepts 0.72 to 1.15"):
+    with pytest.raises(AssertionError, match="accepts 0.67 to 1.24"):
         checks.check_bf16_step_times(fake_times(1.4), bf16_model)
     monkeypatch.setattr(checks, "bf16_round_ratios", rounds_of(0.9, 1.3, 1.1, 0.95))
     checks.check_bf16_step_times(fake_times(1.4), bf16_model)

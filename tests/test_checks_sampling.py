@@ -63,9 +63,11 @@ def test_top_p_passes_a_solution(capsys):
     assert "passed" in capsys.readouterr().out
 
 
-def test_top_p_passes_kvlabs_own():
+def test_top_p_refuses_kvlabs_own():
+    # kvlab's filter is right, but it is not the learner's: the check runs without it.
     from kvlab.sampling import top_p_filter
-    check_top_p_filter(top_p_filter)
+    with pytest.raises(AssertionError, match="without kvlab's top-p filter"):
+        check_top_p_filter(top_p_filter)
 
 
 def test_top_p_stub(assert_not_done):

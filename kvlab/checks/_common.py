@@ -9,14 +9,17 @@ the reader has not reached, and never reports it as passed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["ExerciseNotDone", "MODEL_STYLES", "NOT_DONE_MARK", "PASS_MARK", "call_learner", "close",
-           "is_not_done_line", "learner_check", "passed", "require_answer", "small_model"]
+__all__ = ["DelegationRefused", "ExerciseNotDone", "MODEL_STYLES", "NOT_DONE_MARK", "PASS_MARK", "call_learner",
+           "close", "is_not_done_line", "learner_check", "methods_of", "passed", "require_answer", "small_model",
+           "without_kvlab"]
 
 PASS_MARK = "✓ "  # starts the line a passing check prints
 NOT_DONE_MARK = "✗ "  # starts the line a check prints for an exercise not attempted yet
@@ -58,15 +61,81 @@ def require_answer(value: Any, name: str) -> Any:
     return value
 
 
-def call_learner(fn: Callable, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
-    """Call the learner's function, turning the stub's NotImplementedError into a clear failure."""
+def call_learner(fn: Callable, *args: Any, name: str | None = None,
+                 without: tuple[str, Sequence[Callable]] | None = None, **kwargs: Any) -> Any:
+    """Call the learner's function, turning the stub's NotImplementedError into a clear failure.
+
+    `without=(what, pieces)`: run it with kvlab's own version of the piece switched off (see
+    `without_kvlab`), so that an answer that calls the library fails saying so.
+    """
     if not callable(fn):
         raise TypeError(f"pass your function itself (e.g. my_fn, not my_fn()), got {type(fn).__name__}")
+    switched_off = without_kvlab(without[0], *without[1]) if without else contextlib.nullcontext()
     try:
-        return fn(*args, **kwargs)
+        with switched_off:
+            return fn(*args, **kwargs)
     except NotImplementedError as err:
         label = name or getattr(fn, "__name__", "your function")
         raise ExerciseNotDone(f"{label} is not written yet: replace the `raise NotImplementedError` line") from err
+
+
+class DelegationRefused(AssertionError):
+    """Raised when the learner's code calls kvlab's own version of the piece its check tests."""
+
+
+_REFUSALS: list[str] = []  # the message of each `without_kvlab` block now open, innermost last
+
+
+def _refuse(*args, **kwargs):
+    # Swapped in as the __code__ of a switched-off function: it runs with that function's module
+    # globals, so it imports what it needs instead of naming it.
+    from kvlab.checks._common import _REFUSALS, DelegationRefused
+    raise DelegationRefused(_REFUSALS[-1])
+
+
+@contextlib.contextmanager
+def without_kvlab(what: str, *pieces: Callable) -> Iterator[None]:
+    """Run the learner's code with kvlab's own `what` switched off.
+
+    Each piece is a kvlab function or method (`kvlab.apply_rope`, `GPT.forward`). Inside the
+    block, calling it raises `DelegationRefused` ("this check runs your code without kvlab's
+    <what>: build it from the pieces above"), however it is reached: through `kvlab.x`, a name
+    the learner imported, or a method of a model. The function object itself is switched (its
+    code), so every name bound to it is. Only the piece under test is switched off: the earlier
+    parts an exercise builds on (a model's norms and MLPs, say) keep working. Compute the
+    check's expected values before entering the block. Restored on leaving, also on failure.
+    Built for the checks of every chapter.
+    """
+    functions = []
+    for piece in pieces:
+        function = getattr(piece, "__func__", piece)  # a bound method's function
+        while hasattr(function, "__wrapped__"):  # under a decorator (torch.inference_mode...): the function itself
+            function = function.__wrapped__
+        if not isinstance(function, types.FunctionType):
+            raise TypeError(f"without_kvlab switches off Python functions, got {piece!r}")
+        if function.__closure__:
+            raise TypeError(f"without_kvlab cannot switch off {function.__qualname__}: it is a closure")
+        if function not in functions:
+            functions.append(function)
+    saved = [f.__code__ for f in functions]
+    _REFUSALS.append(f"this check runs your code without kvlab's {what}: build it from the pieces above "
+                     "(an answer that calls kvlab's own version does not show that you can)")
+    try:
+        for f in functions:
+            f.__code__ = _refuse.__code__
+        yield
+    finally:
+        for f, code in zip(functions, saved):
+            f.__code__ = code
+        _REFUSALS.pop()
+
+
+def methods_of(*classes: type, containing: str = "") -> list[Callable]:
+    """The methods defined in each class's own body (not inherited, not properties, not dunders
+    such as `__init__`) whose name contains `containing`: what `without_kvlab` switches off to
+    stand for "this class"."""
+    return [f for cls in classes for name, f in vars(cls).items()
+            if isinstance(f, types.FunctionType) and containing in name and not name.startswith("__")]
 
 
 def close(actual: Any, expected: torch.Tensor, hint: str, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:

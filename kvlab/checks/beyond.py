@@ -13,7 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import call_learner, learner_check, passed, require_answer, small_model
+from .. import cache as _cache_module
+from .. import quantized as _quantized_module
+from ..beam import reorder_cache
+from ._common import call_learner, learner_check, methods_of, passed, require_answer, small_model
 
 __all__ = ["check_reorder_cache", "check_acceptance_rate", "check_int8_bytes_per_token", "ACCEPTANCE_SETUP"]
 
@@ -32,6 +35,11 @@ def _filled_cache(model, B: int, T: int, seed: int):
     return cache
 
 
+# kvlab's own reordering, and any layer cache's own `reorder` method, switched off while the learner's runs.
+_LAYER_CACHES = [cls for module in (_cache_module, _quantized_module) for name, cls in vars(module).items()
+                 if isinstance(cls, type) and name.endswith("LayerCache")]
+_REORDER_OFF = ("cache reordering", [reorder_cache, *methods_of(*_LAYER_CACHES, containing="reorder")])
+
 @learner_check
 def check_reorder_cache(fn: Callable) -> None:
     """`fn(cache, index)` makes row i of every layer of a static `KVCache` hold row index[i]."""
@@ -42,7 +50,7 @@ def check_reorder_cache(fn: Callable) -> None:
         cache = _filled_cache(model, B, 9, seed=B)
         before = [(layer.k.clone(), layer.v.clone()) for layer in cache.layers]
         idx = torch.tensor(index)
-        result = call_learner(fn, cache, idx.clone(), name="my_reorder_cache")
+        result = call_learner(fn, cache, idx.clone(), name="my_reorder_cache", without=_REORDER_OFF)
         where = f"[{style} model, batch {B}, index {index}]"
         if result is not None and result is not cache:
             raise AssertionError(f"{where} my_reorder_cache should change the cache it is given (and return None); "
@@ -85,8 +93,9 @@ def check_reorder_cache(fn: Callable) -> None:
         def step(tokens):
             return model(tokens, cache)[:, -1]
 
-        out, _ = search(first, step, lambda rows: call_learner(fn, cache, rows, name="my_reorder_cache"),
-                         K=K, N=N, eos_id=None, length_penalty=1.0, fill=0)
+        out, _ = search(first, step,
+                        lambda rows: call_learner(fn, cache, rows, name="my_reorder_cache", without=_REORDER_OFF),
+                        K=K, N=N, eos_id=None, length_penalty=1.0, fill=0)
     expected = beam_search(model, idx, N, num_beams=K)[:, 4:]
     if not torch.equal(out, expected):
         raise AssertionError("each reorder looked right, but a whole beam search with my_reorder_cache gives other "

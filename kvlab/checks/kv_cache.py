@@ -13,13 +13,17 @@ import numbers
 
 import torch
 
-from ..attention import apply_rope, attention_mask, attention_reference
-from ..cache import KVCache, kv_cache_bytes
+from ..attention import SelfAttention, apply_rope, attention_mask, attention_reference
+from ..cache import DynamicLayerCache, KVCache, kv_cache_bytes
 from ..generation import decode_step, generate
 from ..gpt import GPT, GPTConfig
-from ..layers import rope_cos_sin
-from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, passed, require_answer,
-                      small_model as _model)
+from ..layers import Block, rope_cos_sin
+from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, methods_of, passed,
+                      require_answer, small_model as _model)
+
+# kvlab's own versions of the pieces chapter 4's exercises build, switched off while they run.
+_BYTES_OFF = ("cache size formula", [kv_cache_bytes])
+_CONCAT_OFF = ("dynamic layer cache", methods_of(DynamicLayerCache))
 
 __all__ = [
     "check_kv_cache_bytes",
@@ -55,7 +59,7 @@ _BYTES_CASES = [
 def check_kv_cache_bytes(fn) -> None:
     """`fn(config, seq_len, batch_size, bytes_per_element) -> int`: bytes of a full KV cache."""
     for label, cfg, seq_len, batch, bpe in _BYTES_CASES:
-        got = call_learner(fn, cfg, seq_len, batch, bpe, name="my_kv_cache_bytes")
+        got = call_learner(fn, cfg, seq_len, batch, bpe, name="my_kv_cache_bytes", without=_BYTES_OFF)
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()
         if isinstance(got, bool) or not isinstance(got, numbers.Real) or got != int(got):
@@ -85,7 +89,7 @@ def check_kv_cache_bytes(fn) -> None:
     for style in MODEL_STYLES:
         model = _model(style)
         cache = model.new_cache(2, max_seq_len=37)
-        got = int(call_learner(fn, model.config, 37, 2, 4, name="my_kv_cache_bytes"))
+        got = int(call_learner(fn, model.config, 37, 2, 4, name="my_kv_cache_bytes", without=_BYTES_OFF))
         if got != cache.nbytes:
             raise AssertionError(f"[{style} model] model.new_cache(2, max_seq_len=37).nbytes is "
                                  f"{cache.nbytes:,}, your formula gives {got:,}.")
@@ -186,7 +190,7 @@ def check_concat_cache(cache_class) -> None:
                             batch_size=B)
             naive = generate(model, prompt, steps, temperature=0, use_cache=False)
             cached = _run(label + " greedy generation", _CACHE_HINT, call_learner, generate, model, prompt,
-                          steps, temperature=0, cache=cache, name="MyConcatCache")
+                          steps, temperature=0, cache=cache, name="MyConcatCache", without=_CONCAT_OFF)
             if not torch.equal(cached, naive):
                 first = int((cached != naive).any(0).nonzero()[0])
                 raise AssertionError(
@@ -200,7 +204,8 @@ def check_concat_cache(cache_class) -> None:
             # The same cache object, reused for another prompt: generate() calls reset() first.
             other = _prompt(B, 5, V, seed + 10)
             again = _run(label + " reusing the cache for a second prompt", _CACHE_HINT, call_learner,
-                         generate, model, other, 10, temperature=0, cache=cache, name="MyConcatCache")
+                         generate, model, other, 10, temperature=0, cache=cache, name="MyConcatCache",
+                         without=_CONCAT_OFF)
             if not torch.equal(again, generate(model, other, 10, temperature=0, use_cache=False)):
                 raise AssertionError(f"{label} a reused cache gives wrong tokens for the second prompt. "
                                      "Hint: after reset() nothing from the first prompt may remain.")
@@ -384,13 +389,19 @@ _FORWARD_RUN_HINT = ("q has n_heads heads, the cache stores and returns n_kv_hea
                      "attention. The mask is (T, S), one row per query and one column per key update returns.")
 
 
+def _forward_off():
+    # The piece the modern-forward exercise builds: the model's own forward and its blocks' and
+    # attention's. The norms, MLPs, projections and rotation stay on: the exercise calls them.
+    return ("cached forward", methods_of(GPT, containing="forward") + methods_of(Block, SelfAttention))
+
+
 def _run_calls(fn, model, seq, cache, plan, name):
     """Feed seq (B, sum(plan)) through fn call by call; return each call's logits."""
     outs, start = [], 0
     for T in plan:
         pos = torch.arange(start, start + T)
-        outs.append(call_learner(fn, model, seq[:, start:start + T], cache, pos, name=name) if name else
-                    fn(model, seq[:, start:start + T], cache, pos))
+        outs.append(call_learner(fn, model, seq[:, start:start + T], cache, pos, name=name, without=_forward_off())
+                    if name else fn(model, seq[:, start:start + T], cache, pos))
         start += T
     return outs
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..sampling import min_p_filter, top_p_filter
+from ..sampling import filter_logits, logits_to_probs, min_p_filter, top_p_filter
 from ._common import call_learner, close, learner_check, passed, require_answer
 
 __all__ = ["check_top_p_filter", "check_equivalent_min_p", "check_temperature_for_half", "check_repetition_penalty",
@@ -57,6 +57,8 @@ def _check_filtered(got, logits: Tensor, expected: Tensor, call: str, hint: str)
           "(return logits, not probabilities).")
 
 
+_TOP_P_OFF = ("top-p filter", [top_p_filter, filter_logits, logits_to_probs])  # the library's, switched off
+
 @learner_check
 def check_top_p_filter(fn: Callable) -> None:
     """`fn(logits, p) -> Tensor` of logits' shape: the smallest set of most likely tokens whose
@@ -76,7 +78,7 @@ def check_top_p_filter(fn: Callable) -> None:
                     continue  # the mass before the last tokens rounds to 1 in float32
                 before = logits.clone()
                 call = f"my_top_p_filter(logits of shape {tuple(shape)}, p={p})"
-                got = call_learner(fn, logits, p, name="my_top_p_filter")
+                got = call_learner(fn, logits, p, name="my_top_p_filter", without=_TOP_P_OFF)
                 if not torch.equal(logits, before):
                     raise AssertionError(f"{call} changed its input in place; return a new tensor "
                                          "(e.g. with masked_fill, not masked_fill_).")
@@ -84,7 +86,7 @@ def check_top_p_filter(fn: Callable) -> None:
                 tried += 1
     # Edge case: one token holds almost all the mass, so any p below it keeps that token alone.
     logits = torch.tensor([[8.0, 0.0, -1.0, 0.5, -2.0]])
-    got = call_learner(fn, logits, 0.5, name="my_top_p_filter")
+    got = call_learner(fn, logits, 0.5, name="my_top_p_filter", without=_TOP_P_OFF)
     _check_filtered(got, logits, top_p_filter(logits, 0.5), "my_top_p_filter(a peaked row, p=0.5)", hint)
     assert tried >= 30, "internal: too few top-p cases were checked"
     passed("my_top_p_filter")

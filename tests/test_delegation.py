@@ -1,0 +1,93 @@
+"""Every check of a re-implement or build exercise refuses an answer that calls kvlab's own version.
+
+A check is the course's promise that the learner wrote the piece. Each case below is the answer a
+learner could write in one line by calling the library (or the check's own reference); the check
+must fail it with the "without kvlab's ..." message, and the library must work again afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvlab
+from kvlab import checks
+from kvlab.checks import _common
+from kvlab.checks import attention as attention_checks
+from kvlab.checks import tokens as token_checks
+from kvlab.train import TrainConfig, lr_at
+
+
+def delegate_mha(x, w_qkv, w_out, n_heads):
+    C = x.size(-1)
+    layer = kvlab.SelfAttention(C, n_heads, bias=False)
+    with torch.no_grad():
+        layer.qkv.weight.copy_(w_qkv)
+        layer.out.weight.copy_(w_out)
+    return layer(x, is_causal=True)
+
+
+def delegate_lr(step, warmup, max_steps, lr, min_lr):
+    return lr_at(step, TrainConfig(warmup_steps=warmup, max_steps=max_steps, lr=lr, min_lr=min_lr))
+
+
+def delegate_kv_bytes(config, seq_len, batch_size, bytes_per_element):
+    dtype = {1: torch.int8, 2: torch.float16, 4: torch.float32, 8: torch.float64}[bytes_per_element]
+    return kvlab.kv_cache_bytes(config.n_layers, config.n_kv_heads, config.head_dim, seq_len, batch_size, dtype)
+
+
+DELEGATING = {  # check -> an answer that only calls kvlab
+    "check_bpe_encode": (checks.check_bpe_encode, lambda text, merges: token_checks._encode(text, merges)),
+    "check_multi_head_attention": (checks.check_multi_head_attention, delegate_mha),
+    "check_multi_head_attention (the check's own reference)": (
+        checks.check_multi_head_attention, lambda x, w_qkv, w_out, H: attention_checks._reference_mha(x, w_qkv, w_out, H)),
+    "check_apply_rope": (checks.check_apply_rope, lambda x, positions, base: kvlab.attention.apply_rope(
+        x, *kvlab.layers.rope_cos_sin(positions, x.size(-1), base))),
+    "check_kv_cache_bytes": (checks.check_kv_cache_bytes, delegate_kv_bytes),
+    "check_concat_cache": (checks.check_concat_cache, kvlab.cache.DynamicLayerCache),
+    "check_modern_forward": (checks.check_modern_forward,
+                             lambda model, idx, cache, input_pos: model(idx, cache, input_pos)),
+    "check_lr_at": (checks.check_lr_at, delegate_lr),
+    "check_top_p_filter": (checks.check_top_p_filter, kvlab.sampling.top_p_filter),
+    "check_greedy_decode": (checks.check_greedy_decode,
+                            lambda model, src, n: kvlab.seq2seq.greedy_decode(model, src, n)),
+    "check_greedy_decode (through beam search)": (
+        checks.check_greedy_decode, lambda model, src, n: kvlab.beam_search(model, src, n, num_beams=1)),
+    "check_reorder_cache": (checks.check_reorder_cache, kvlab.beam.reorder_cache),
+}
+
+
+@pytest.mark.parametrize("case", list(DELEGATING))
+def test_check_refuses_an_answer_that_calls_kvlab(case):
+    check, answer = DELEGATING[case]
+    with pytest.raises(AssertionError, match="without kvlab's"):
+        check(answer)
+    assert not _common._REFUSALS  # every switch is back on
+    # ...and the library works again: the same call outside the check.
+    model = kvlab.GPT(kvlab.GPTConfig.from_preset("tiny")).eval()
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
+
+
+def test_without_kvlab_switches_every_name_and_restores():
+    from kvlab.attention import apply_rope  # a name bound before the block, as a learner's import is
+
+    x, cos, sin = torch.randn(1, 1, 2, 4), torch.ones(2, 4), torch.zeros(2, 4)
+    with _common.without_kvlab("rotation", kvlab.attention.apply_rope):
+        for call in (apply_rope, kvlab.attention.apply_rope):
+            with pytest.raises(_common.DelegationRefused, match="without kvlab's rotation"):
+                call(x, cos, sin)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x)
+
+
+def test_without_kvlab_restores_after_a_failure():
+    with pytest.raises(RuntimeError):
+        with _common.without_kvlab("forward", kvlab.GPT.forward):
+            raise RuntimeError("the learner's bug")
+    model = kvlab.GPT(kvlab.GPTConfig.from_preset("tiny")).eval()
+    assert model(torch.tensor([[1]])).shape == (1, 1, 256)
+
+
+def test_without_kvlab_refuses_what_it_cannot_switch():
+    with pytest.raises(TypeError, match="Python functions"):
+        with _common.without_kvlab("torch", torch.matmul):
+            pass
