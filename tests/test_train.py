@@ -216,8 +216,11 @@ def test_export_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "record.json",
                                                           "tokenizer.json"]
-    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         load_shakespeare(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is not an exported kvlab model: missing model.safetensors"):
+        load_shakespeare(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
