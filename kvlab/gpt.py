@@ -179,6 +179,14 @@ class GPT(nn.Module):
         """True when positions may run past max_seq_len: RoPE with a sliding attention window."""
         return self.config.pos == "rope" and self.config.window is not None
 
+    def default_cache(self, batch_size: int, total: int) -> KVCache:
+        """The cache generation uses when none is given, for sequences of up to `total` positions:
+        a sliding one for a model that slides (RoPE with a window: it may run past max_seq_len),
+        else a static one just large enough. Built in chapter 4."""
+        if self.can_slide:
+            return self.new_cache(batch_size, kind="sliding")
+        return self.new_cache(batch_size, max_seq_len=total, kind="static")
+
     def new_cache(
         self, batch_size: int, max_seq_len: int | None = None, kind: str = "static", window: int | None = None,
         quantize: str | None = None,

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from ..cache import kv_cache_bytes
-from ..compiled import advance, compiled_decode_step, prepare_cache
 from ..cpu_kernels import measured_linears
 from ..device import describe_device, synchronize
-from ..generation import decode_step, generate, next_token, prefill
+from ..generation import decode_loop, generate, next_token, prefill
 from ..gpt import GPT
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
@@ -76,8 +75,8 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
                     cache_kind: str = "static", compile: bool = False) -> tuple[GenerationTiming, torch.Tensor]:
     """Greedy-generate `new_tokens` after `idx` (B, T), timing the prefill and every step.
 
-    The loop is `kvlab.generate`'s own (prefill → next_token → decode_step), with a device
-    synchronisation after each step so each time is the step's real cost. Returns the timing
+    The loop is `kvlab.generate`'s own (`kvlab.generation.decode_loop`: prefill → next_token →
+    decode_step), with a device synchronisation after each token so each time is the step's real cost. Returns the timing
     and the tokens (B, T + N), which equal `kvlab.generate(..., temperature=0)`. With
     `compile=True` the decode steps are `kvlab.generate(..., compile=True)`'s compiled step
     (CUDA graphs on CUDA); warm up first, since the first call compiles. The model is timed as
@@ -91,43 +90,27 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     model.check_inputs(idx)
     if T + new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt {T} + new_tokens {new_tokens} exceeds max_seq_len={model.config.max_seq_len}")
-    out = torch.empty(B, T + new_tokens, dtype=torch.long, device=device)
-    out[:, :T] = idx
+    if compile and not use_cache:
+        raise ValueError("compile=True needs use_cache=True")
+    stamps: list[float] = []
+
+    def clock(n: int, token) -> bool:  # each token's time: kvlab.generate's loop, synchronised per token
+        synchronize(device)
+        stamps.append(time.perf_counter())
+        return False
+
     cache = None
     _reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
-    if use_cache:
+    if use_cache:  # made inside the timed region, as Hugging Face's generate makes its own
         cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
             else model.new_cache(B, kind=cache_kind)
-        logits = prefill(model, idx, cache)
-    else:
-        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
-    if compile:
-        if not use_cache:
-            raise ValueError("compile=True needs use_cache=True")
-        prepare_cache(cache)
-        input_pos = torch.tensor([T], device=device)
-    token = next_token(logits, temperature=0)
-    out[:, T] = token[:, 0]
-    synchronize(device)
-    ttft = time.perf_counter() - start
-    steps = []
-    for n in range(1, new_tokens):
-        t0 = time.perf_counter()
-        if compile:
-            logits = compiled_decode_step(model, token, input_pos, cache)
-            advance(cache, T + n)
-            input_pos += 1
-        elif use_cache:
-            logits = decode_step(model, token, cache)
-        else:
-            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
-        token = next_token(logits, temperature=0)
-        out[:, T + n] = token[:, 0]
-        synchronize(device)
-        steps.append(time.perf_counter() - t0)
-    total = time.perf_counter() - start
+    out = decode_loop(model, idx, new_tokens, cache, choose=lambda logits: next_token(logits, temperature=0),
+                      compile=compile, on_token=clock)
+    total = stamps[-1] - start
+    ttft = stamps[0] - start
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
     cache_bytes = cache.nbytes if cache is not None else 0
     timing = GenerationTiming("kvlab-compile" if compile else "kvlab", use_cache, B, T, new_tokens, ttft, steps,
                               total, _peak(device, cache_bytes))

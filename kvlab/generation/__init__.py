@@ -8,7 +8,10 @@ Generation is a handful of small functions:
                      work, no state, obviously correct — the reference
     prefill          run the prompt once, filling the cache; logits of the last position
     decode_step      feed one token at the next position, reading and extending the cache
-    generate         validate everything, then prefill + decode steps (or the naive loop)
+    decode_loop      prefill, then choose a token and decode a step until done: the one loop
+                     behind `generate`, the streaming command line and the timing bench, each
+                     watching the tokens through a per-token hook
+    generate         validate everything, then the loop (or the naive loop)
 Built in chapter 4; `generate(..., compile=True)` (chapter 5) runs the decode steps through the
 fixed-shape step of `kvlab.compiled`, compiled by `torch.compile`.
 """
@@ -27,7 +30,7 @@ from ..device import synchronize
 from ..gpt import GPT
 from ..sampling import check_sampling_args, logits_to_probs, sample
 
-__all__ = ["next_token", "generate_naive", "prefill", "decode_step", "generate"]
+__all__ = ["next_token", "generate_naive", "prefill", "decode_step", "decode_loop", "generate"]
 
 
 def next_token(
@@ -114,7 +117,7 @@ def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_
     B, T = idx.shape
     total = T + max_new_tokens
     window = cache.window if cache is not None and cache.kind == "sliding" else model.config.window
-    slides = model.config.pos == "rope" and window is not None
+    slides = model.config.pos == "rope" and window is not None  # positions may run past max_seq_len
     if total > model.config.max_seq_len and not slides:
         raise ValueError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
@@ -122,6 +125,54 @@ def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_
     if cache is not None and cache.kind == "static" and total - 1 > cache.max_seq_len:
         raise ValueError(f"cache too small: it holds {cache.max_seq_len} positions, generation needs {total - 1}")
     return T
+
+
+@torch.inference_mode()
+def decode_loop(model: GPT, idx: Tensor, max_new_tokens: int, cache: KVCache | None, *, choose,
+                eos_id: int | None = None, compile: bool = False, on_token=None) -> Tensor:
+    """Prefill `idx` (B, T), then choose a token and decode one step until `max_new_tokens`
+    tokens, every row's `eos_id`, or `on_token` says stop; returns (B, T + new).
+
+    `choose(logits (B, V)) -> (B, 1)` picks each token. `on_token(n, token)` is called as soon as
+    token n (1, 2, ...) is chosen, so n=1 marks the time to first token: the timing bench
+    synchronises and reads the clock there, the streaming command line prints, and a True answer
+    ends generation. `cache=None` is the naive loop (the whole sequence recomputed every step);
+    `compile=True` decodes with `kvlab.compiled`'s step. Arguments are not checked here
+    (`generate` checks them). Built in chapter 4.
+    """
+    B, T = idx.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    if max_new_tokens == 0:
+        return out
+    if cache is not None:
+        cache.reset()
+        logits = prefill(model, idx, cache)
+        if compile:
+            prepare_cache(cache)
+            input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
+    else:
+        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        token = choose(logits)  # (B, 1)
+        if finished is not None:  # a finished row repeats eos_id
+            token = torch.where(finished[:, None], eos_id, token)
+            finished |= token[:, 0] == eos_id
+        out[:, T + n - 1] = token[:, 0]
+        stop = on_token is not None and on_token(n, token)
+        if stop or n == max_new_tokens or (finished is not None and bool(finished.all())):
+            break
+        if compile:
+            logits = compiled_decode_step(model, token, input_pos, cache)
+            advance(cache, T + n)
+            input_pos += 1
+        elif cache is not None:
+            logits = decode_step(model, token, cache)
+        else:
+            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
+    return out[:, : T + n]
 
 
 @torch.inference_mode()
@@ -147,65 +198,38 @@ def generate(
     off. With `eos_id`, a sequence that emits it is padded with it afterwards and generation
     stops once every sequence has. `use_cache=False` runs the naive recompute-everything loop.
     A `cache` you pass (e.g. `model.new_cache(B, kind="sliding", window=64)`) is reset first;
-    by default a static cache just large enough is made. Pass a dict as `stats` to have it
-    filled with timings (prefill_s, decode_s, total_s, new_tokens), measured between device
-    synchronisations. `compile=True` runs each decode step through `torch.compile` (CUDA graphs
-    on a GPU; see `kvlab.compiled`): the same tokens, with a static or sliding cache only, and
-    the first call for a new shape pays for compiling. Built in chapter 4 (`compile` in chapter 5).
+    by default `model.default_cache` makes one. Pass a dict as `stats` to have it filled with
+    timings (prefill_s: the prompt's forward and the first token; decode_s, total_s,
+    new_tokens), measured between device synchronisations. `compile=True` runs each decode step
+    through `torch.compile` (CUDA graphs on a GPU; see `kvlab.compiled`): the same tokens, with a
+    static or sliding cache only, and the first call for a new shape pays for compiling. The
+    model runs as it is (on a CPU, `kvlab.cpu_kernels.fast_cpu_inference` chooses its linear
+    kernel). Built in chapter 4 (`compile` in chapter 5).
     """
     T = check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
                             generator, eos_id, cache, compile)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     max_new_tokens = int(max_new_tokens)
-    eos_id = None if eos_id is None else int(eos_id)
-    B = idx.size(0)
-    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-    out[:, :T] = idx
-    if max_new_tokens == 0:
-        return out
-    choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
-    if stats is not None:
-        synchronize(idx.device)
-        start = time.perf_counter()
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    if use_cache and cache is None:
+        cache = model.default_cache(idx.size(0), T + max_new_tokens)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    stamps: list[float] = []
 
-    if use_cache:
-        if cache is None:
-            if model.config.window is not None and model.config.pos == "rope":
-                cache = model.new_cache(B, kind="sliding")
-            else:
-                cache = model.new_cache(B, max_seq_len=T + max_new_tokens, kind="static")
-        cache.reset()
-        logits = prefill(model, idx, cache)
-        if compile:
-            prepare_cache(cache)
-            input_pos = torch.tensor([T], device=idx.device)  # a tensor: one compiled step for every position
-    else:
-        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
-    if stats is not None:
-        synchronize(idx.device)
-        prefilled = time.perf_counter()
+    def clock(n: int, token) -> bool:  # the start, the first token (prefill done) and, later, the end
+        if n <= 1:
+            synchronize(idx.device)
+            stamps.append(time.perf_counter())
+        return False
 
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        token = next_token(logits, **choose)  # (B, 1)
-        if finished is not None:
-            token = torch.where(finished[:, None], eos_id, token)
-            finished |= token[:, 0] == eos_id
-        out[:, T + n - 1] = token[:, 0]
-        if n == max_new_tokens or (finished is not None and bool(finished.all())):
-            break
-        if compile:
-            logits = compiled_decode_step(model, token, input_pos, cache)
-            advance(cache, T + n)
-            input_pos += 1
-        elif use_cache:
-            logits = decode_step(model, token, cache)
-        else:
-            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
     if stats is not None:
-        synchronize(idx.device)
-        end = time.perf_counter()
-        stats.update(prefill_s=prefilled - start, decode_s=end - prefilled, total_s=end - start, new_tokens=n)
-    return out[:, : T + n]
+        clock(0, None)
+    out = decode_loop(model, idx, max_new_tokens, cache if use_cache else None,
+                      choose=lambda logits: next_token(logits, **settings),
+                      eos_id=None if eos_id is None else int(eos_id), compile=compile,
+                      on_token=clock if stats is not None else None)
+    if stats is not None and max_new_tokens:
+        clock(0, None)
+        start, first, end = stamps
+        stats.update(prefill_s=first - start, decode_s=end - first, total_s=end - start, new_tokens=out.size(1) - T)
+    return out

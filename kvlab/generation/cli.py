@@ -137,54 +137,43 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
     """`kvlab.generate`'s loop (same tokens for the same generator), calling `on_token(id)` per token.
 
     When `on_token` returns True generation ends there (a stop text, an end-of-text token).
-    Returns the tokens (1, T + N) and timings: prefill_s (the prompt's forward pass), decode_s
+    It is `kvlab.generation.decode_loop` with a hook that calls `on_token`. Returns the tokens
+    (1, T + N) and timings: prefill_s (the prompt's forward pass and the first token), decode_s
     (every step after it, without the time spent in `on_token`), total_s, new_tokens. Built in
     chapter 7.
     """
     from ..device import synchronize
-    from . import check_generate_args, decode_step, next_token, prefill
+    from . import check_generate_args, decode_loop, next_token
 
     check_generate_args(model, idx, max_new_tokens, use_cache, sampling.get("temperature", 1.0),
-                         sampling.get("top_k"), sampling.get("top_p"), sampling.get("min_p"), generator, None, None)
+                        sampling.get("top_k"), sampling.get("top_p"), sampling.get("min_p"), generator, None, None)
     import time
 
     T = idx.size(1)
-    out = torch.empty(1, T + max_new_tokens, dtype=torch.long, device=idx.device)
-    out[:, :T] = idx
-    choose = dict(sampling, generator=generator)
     device = idx.device
+    cache = model.default_cache(1, T + max_new_tokens) if use_cache else None
+    stamps: list[float] = []
+    outside = 0.0  # time spent in on_token (printing), left out of the decode time
+
+    def watch(n: int, token: torch.Tensor) -> bool:
+        nonlocal outside
+        synchronize(device)
+        t0 = time.perf_counter()
+        if n == 1:
+            stamps.append(t0)  # the prompt's forward pass and the first token: done
+        stop = on_token is not None and on_token(int(token))
+        outside += time.perf_counter() - t0
+        return stop
+
     synchronize(device)
     start = time.perf_counter()
-    cache = None
-    if use_cache:
-        cache = model.new_cache(1, kind="sliding") if model.can_slide else \
-            model.new_cache(1, max_seq_len=T + max_new_tokens)
-        logits = prefill(model, idx, cache)
-    else:
-        logits = model.forward_unchecked(idx, None, 0, last_only=True)[:, -1]
-    synchronize(device)
-    prefilled = time.perf_counter()
-    outside = 0.0  # time spent printing, left out of the decode time
-    for n in range(1, max_new_tokens + 1):
-        token = next_token(logits, **choose)  # (1, 1)
-        out[:, T + n - 1] = token[:, 0]
-        if on_token is not None:
-            synchronize(device)
-            t0 = time.perf_counter()
-            stop = on_token(int(token))
-            outside += time.perf_counter() - t0
-            if stop:
-                break
-        if n == max_new_tokens:
-            break
-        if use_cache:
-            logits = decode_step(model, token, cache)
-        else:
-            logits = model.forward_unchecked(out[:, : T + n], None, 0, last_only=True)[:, -1]
+    out = decode_loop(model, idx, max_new_tokens, cache, choose=lambda logits: next_token(logits, generator=generator,
+                                                                                         **sampling), on_token=watch)
     synchronize(device)
     end = time.perf_counter()
-    return out[:, : T + n], {"prefill_s": prefilled - start, "decode_s": end - prefilled - outside,
-                             "total_s": end - start - outside, "new_tokens": n}
+    prefilled = stamps[0] if stamps else end
+    return out, {"prefill_s": prefilled - start, "decode_s": end - prefilled - outside,
+                 "total_s": end - start - outside, "new_tokens": out.size(1) - T}
 
 
 def read_prompt(parser: Parser, args) -> str:
