@@ -30,6 +30,7 @@ __all__ = [
     "attention_mask",
     "attention_reference",
     "attend",
+    "AttentionBase",
     "repeat_kv",
     "split_heads",
     "merge_heads",
@@ -141,7 +142,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class _AttentionBase(nn.Module):
+class AttentionBase(nn.Module):
     """Shared head bookkeeping and the final attend + output projection."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None, bias: bool, dropout: float):
@@ -158,7 +159,7 @@ class _AttentionBase(nn.Module):
         self.dropout = dropout
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
-    def _finish(
+    def attend_and_project(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, return_weights: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
         n_rep = self.n_heads // self.n_kv_heads
@@ -173,7 +174,7 @@ class _AttentionBase(nn.Module):
         return self.out(merge_heads(y))
 
 
-class SelfAttention(_AttentionBase):
+class SelfAttention(AttentionBase):
     """Multi-head (or grouped-query) self-attention with an optional KV cache.
 
     One fused projection makes queries, keys and values: a single matrix multiply is faster
@@ -218,10 +219,10 @@ class SelfAttention(_AttentionBase):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, input_pos)  # (B, Hkv, S, D)
-        return self._finish(q, k, v, mask, is_causal, return_weights)
+        return self.attend_and_project(q, k, v, mask, is_causal, return_weights)
 
 
-class CrossAttention(_AttentionBase):
+class CrossAttention(AttentionBase):
     """Attention from decoder queries to encoder outputs ("memory").
 
     Keys and values depend only on the memory, so a decoder computes them once per source
@@ -258,4 +259,4 @@ class CrossAttention(_AttentionBase):
         """x: (B, T, C) queries; memory_kv from `project_memory`; mask (B, 1, 1, S) hides padding."""
         q = split_heads(self.q(x), self.n_heads)  # (B, H, T, D)
         k, v = memory_kv
-        return self._finish(q, k, v, mask, False, return_weights)
+        return self.attend_and_project(q, k, v, mask, False, return_weights)

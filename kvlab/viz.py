@@ -148,7 +148,7 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
                          f"[0, {model.config.n_heads - 1}], got layer={layer}, head={head}")
     attn = model.blocks[layer].attn
     seen: dict = {}
-    original = attn._finish
+    original = attn.attend_and_project
 
     def spy(q, k, v, mask, is_causal, return_weights):
         seen.update(q=q, k=k, v=v, mask=mask)
@@ -163,7 +163,7 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
     cache = model.new_cache(1, kind=kind, window=window) if kind != "static" else \
         model.new_cache(1, max_seq_len=cache_len)
     frames = []
-    attn._finish = spy  # an instance attribute shadows the method for this one layer only
+    attn.attend_and_project = spy  # an instance attribute shadows the method for this one layer only
     try:
         with torch.inference_mode():
             logits = prefill(model, idx, cache)
@@ -184,7 +184,7 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
                                "weights": weights[0].float().cpu()})
                 token = next_token(logits, temperature=0)
     finally:
-        del attn._finish  # back to the class's method
+        del attn.attend_and_project  # back to the class's method
     return frames
 
 

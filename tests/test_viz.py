@@ -21,7 +21,7 @@ def test_dashboard_frames_follow_the_cache(kind, window):
             valid &= f["key_pos"] > f["position"] - window
         assert (f["weights"][~valid] == 0).all() and (f["weights"][valid] > 0).all()
         assert f["k"].shape == (f["key_pos"].numel(), 8)
-    assert "_finish" not in vars(model.blocks[1].attn), "the recording hook was not removed"
+    assert "attend_and_project" not in vars(model.blocks[1].attn), "the recording hook was not removed"
 
 
 def test_dashboard_weights_match_the_model_output():
