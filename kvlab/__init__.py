@@ -26,8 +26,6 @@ from . import beam, quantized, speculative  # chapter 10
 from .beam import beam_search
 from .speculative import speculative_generate
 
-# Last: the exercise checks use the names above.
-from . import checks  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,6 +33,7 @@ __all__ = [
     # modules
     "attention", "beam", "bench", "cache", "checks", "cpu_kernels", "data", "device", "generation", "gpt", "layers",
     "pretrained", "quantized", "sampling", "seq2seq", "speculative", "student", "tokenizers", "train", "viz",
+    "bugzoo", "widgets",
     # chapter 2
     "CrossAttention", "SelfAttention", "attention_mask", "attention_reference", "causal_mask",
     # chapter 3
@@ -49,9 +48,11 @@ __all__ = [
     "generate_batch", "beam_search", "speculative_generate",
 ]
 
-# Modules that are also commands (`python -m kvlab.train`, ...) load on first use: importing them
-# here would make `python -m` run a module that is already imported.
-_LAZY = ("bench", "student", "train")
+# Load on first use (`kvlab.checks`, `from kvlab import checks`): the course's own code (exercise
+# checks, bug zoo, widgets, student tools) and the measurement wing are not part of the library a
+# script imports; and a module that is also a command (`python -m kvlab.train`) must not be
+# imported before `python -m` runs it.
+_LAZY = ("bench", "bugzoo", "checks", "student", "train", "widgets")
 
 
 def __getattr__(name: str):
