@@ -1,8 +1,8 @@
 """Checks for chapter 9, a small vLLM.
 
 Each build step of the chapter is checked against a reference written here, on random or
-adversarial cases, and run with kvlab's own version of that piece switched off (`_without_kvlab`:
-calling it raises), so an answer that only calls the library is refused. The block manager is
+adversarial cases, and run with kvlab's own version of that piece switched off (`without_kvlab`
+in `_common`: calling it raises), so an answer that only calls the library is refused. The block manager is
 run on random traces of allocate / append / fork / free against a reference that counts holders;
 the paged write against the slot formula; the paged attention against dense attention over the
 same keys, while watching that no contiguous copy of a request's keys is made; the scheduler's
@@ -14,7 +14,6 @@ workload live, the prefill-count question against the rule of full blocks.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import random
@@ -29,10 +28,6 @@ __all__ = ["check_block_manager", "check_paged_write", "check_paged_attention", 
            "WASTE_WORKLOAD", "reserved_over_used", "REFUSAL"]
 
 REFUSAL = "this check runs your code without kvlab's own serving pieces: build it from the pieces above"
-
-
-def _refused(*args, **kwargs):
-    raise AssertionError("this check runs your code without kvlab's own serving pieces: build it from the pieces above")
 
 
 # What each check switches off while the learner's code runs: (module or class, attribute names).
@@ -51,27 +46,10 @@ def _pieces(group: str):
     }[group]
 
 
-@contextlib.contextmanager
-def _without_kvlab(group: str):
-    """Switch off kvlab's own version of one piece (its functions raise) while the learner's code runs.
-
-    The function objects themselves are changed, so a name imported earlier (`from kvlab.paged
-    import slot_mapping`) is switched off too. Everything is restored afterwards."""
-    functions = [vars(owner)[name] for owner, names in _pieces(group) for name in names]
-    saved = [f.__code__ for f in functions]
-    try:
-        for f in functions:
-            f.__code__ = _refused.__code__
-        yield
-    finally:
-        for f, code in zip(functions, saved):
-            f.__code__ = code
-
-
 def _learner(fn, *args, name: str, group: str, **kwargs):
     """The learner's call with kvlab's own version of the piece `group` switched off."""
-    with _without_kvlab(group):
-        return call_learner(fn, *args, name=name, **kwargs)
+    pieces = [vars(owner)[attr] for owner, attrs in _pieces(group) for attr in attrs]
+    return call_learner(fn, *args, name=name, without=("own serving pieces", pieces), **kwargs)
 
 
 # -- build step: the block manager ------------------------------------------------------------
