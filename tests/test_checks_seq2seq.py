@@ -5,14 +5,20 @@ import math
 import pytest
 import torch
 
+import kvlab
 from kvlab.checks._common import ExerciseNotDone, is_not_done_line
 from kvlab.checks.seq2seq import (
+    _BUILD_CASES,
     _DECODE_CASES,
     _decode_case,
     check_cross_attention,
     check_cross_kv_for_samples,
+    check_decoder_layer_step,
+    check_decoder_step,
+    check_greedy_by_hand,
     check_greedy_decode,
     check_padding_mask,
+    check_project_memory,
     check_saved_projections,
 )
 from kvlab.seq2seq import greedy_decode
@@ -315,6 +321,7 @@ def test_checks_leave_the_global_random_state_alone():
     check_cross_attention(cross_attention_solution)
     check_padding_mask(padding_mask_solution)
     check_cross_kv_for_samples(cross_kv_solution)
+    check_decoder_layer_step(layer_step_solution)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -420,3 +427,181 @@ def test_saved_projections_fails_wrong_answers():
                          (1, "forward hook")]:
         with pytest.raises(AssertionError, match=hint):
             check_saved_projections(answer, model, src, 16)
+
+
+# --------------------------------------------------------------------------- build steps: the cached decoder by hand
+
+
+def split(t, H):
+    B, L, C = t.shape
+    return t.view(B, L, H, C // H).transpose(1, 2)  # (B, L, C) -> (B, H, L, D)
+
+
+def merge(t):
+    B, H, L, D = t.shape
+    return t.transpose(1, 2).reshape(B, L, H * D)
+
+
+def attend(q, k, v, mask):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def project_memory_solution(model, memory):
+    out = []
+    for block in model.decoder:
+        ca = block.cross_attn
+        k, v = ca.kv(memory).chunk(2, dim=-1)
+        out.append((split(k, ca.n_heads), split(v, ca.n_heads)))
+    return out
+
+
+def project_memory_swapped(model, memory):
+    return [(v, k) for k, v in project_memory_solution(model, memory)]
+
+
+def project_memory_first_layer_only(model, memory):
+    return [project_memory_solution(model, memory)[0]] * len(model.decoder)
+
+
+def project_memory_twice_per_layer(model, memory):  # keys and values each from their own call
+    out = []
+    for block in model.decoder:
+        ca, C = block.cross_attn, memory.size(-1)
+        out.append((split(ca.kv(memory)[..., :C], ca.n_heads), split(ca.kv(memory)[..., C:], ca.n_heads)))
+    return out
+
+
+def project_memory_not_split(model, memory):
+    return [tuple(block.cross_attn.kv(memory).chunk(2, dim=-1)) for block in model.decoder]
+
+
+def layer_step_solution(block, x, input_pos, layer_cache, cross_kv, pad_mask, mistake=None):
+    H = block.self_attn.n_heads
+    q, k, v = (split(t, H) for t in block.self_attn.qkv(block.norm1(x)).chunk(3, dim=-1))
+    if mistake == "no cache":
+        mask = kvlab.attention_mask(input_pos, input_pos)
+    else:
+        mask = kvlab.attention_mask(input_pos, layer_cache.key_positions(input_pos))
+        k, v = layer_cache.update(k, v, input_pos)
+        if mistake == "no mask":
+            mask = None
+        elif mistake == "top-left":
+            mask = torch.ones(x.size(1), k.size(2), dtype=torch.bool).tril()
+    x = x + block.self_attn.out(merge(attend(q, k, v, mask)))
+    q = split(block.cross_attn.q(block.norm2(x)), H)
+    if mistake == "self for cross":
+        y = attend(q, k, v, mask)
+    else:
+        y = attend(q, *cross_kv, None if mistake == "no pad mask" else pad_mask[:, None, None, :])
+    x = x + block.cross_attn.out(merge(y))
+    return x + block.mlp(block.norm3(x))
+
+
+def decoder_step_solution(model, tgt, input_pos, self_cache, cross_kv, pad_mask, mistake=None):
+    pos = torch.arange(tgt.size(1)) if mistake == "positions from 0" else input_pos
+    x = model.tok_emb(tgt) + model.pos_emb(pos)
+    for i, block in enumerate(model.decoder):
+        x = layer_step_solution(block, x, input_pos, self_cache.layers[i], cross_kv[i], pad_mask)
+    return model.lm_head(x if mistake == "no final norm" else model.dec_norm(x))
+
+
+def greedy_by_hand_solution(model, src, max_new_tokens, mistake=None):
+    c = model.config
+    B = src.size(0)
+    pad_mask = src != c.pad_id
+    memory = model.encode(src, pad_mask)
+    cross_kv = project_memory_solution(model, memory)
+    self_cache = kvlab.KVCache.create("static", n_layers=c.n_layers, batch_size=B, n_kv_heads=c.n_kv_heads,
+                                      head_dim=c.head_dim, max_seq_len=max_new_tokens)
+    tgt = torch.full((B, 1), c.bos_id)
+    out = torch.full((B, max_new_tokens), c.pad_id)
+    done = torch.zeros(B, dtype=torch.bool)
+    for n in range(max_new_tokens):
+        if mistake == "re-project":
+            cross_kv = project_memory_solution(model, memory)
+        if mistake == "whole target":  # every step re-feeds the whole target from position 0
+            logits = decoder_step_solution(model, tgt, torch.arange(n + 1), self_cache, cross_kv, pad_mask)[:, -1]
+        else:
+            pos = torch.tensor([0 if mistake == "position 0" else n])
+            logits = decoder_step_solution(model, tgt[:, -1:], pos, self_cache, cross_kv, pad_mask)[:, -1]
+        nxt = torch.where(done, c.pad_id, logits.argmax(-1))
+        out[:, n] = nxt
+        done |= nxt == c.eos_id
+        if done.all():
+            return out[:, : n + 1]
+        tgt = torch.cat([tgt, nxt[:, None]], dim=1)
+    return out
+
+
+def greedy_by_hand_with_bos(model, src, max_new_tokens):
+    out = greedy_by_hand_solution(model, src, max_new_tokens)
+    return torch.cat([torch.full((src.size(0), 1), model.config.bos_id), out], dim=1)
+
+
+def with_mistake(fn, mistake):
+    return lambda *args: fn(*args, mistake=mistake)
+
+
+def test_build_cases_exercise_what_the_greedy_check_claims():
+    ends, widths = [], []
+    for _, overrides, seed, lengths, n_new in _BUILD_CASES:
+        model, src = _decode_case(overrides, seed, lengths)
+        assert model.config.n_kv_heads == model.config.n_heads  # as in the chapter
+        out = greedy_decode(model, src, n_new)
+        widths.append((out.size(1), n_new))
+        ends.append([row.index(2) if 2 in row else None for row in out.tolist()])
+    assert None in ends[0] and len({e for e in ends[0] if e is not None}) > 1  # some end, at different steps
+    assert widths[1][0] < widths[1][1] and None not in ends[1]  # every row finishes early
+    assert ends[2] == [None]
+
+
+BUILD_STEPS = {  # check -> (the learner's name, a right answer, [(a catalogued mistake, what its hint says)])
+    "project memory": (check_project_memory, "my_project_memory", project_memory_solution, [
+        (project_memory_swapped, "k holds the values"),
+        (project_memory_first_layer_only, "layer 0's keys"),
+        (project_memory_twice_per_layer, "ran 4 times for 2 layers"),
+        (project_memory_not_split, "one slice of the channels per head"),
+    ]),
+    "decoder layer step": (check_decoder_layer_step, "my_decoder_layer_step", layer_step_solution, [
+        (with_mistake(layer_step_solution, "no cache"), "saw only the tokens fed in the same call"),
+        (with_mistake(layer_step_solution, "top-left"), "top-left"),
+        (with_mistake(layer_step_solution, "no mask"), "tokens after it in the same call"),
+        (with_mistake(layer_step_solution, "self for cross"), "target's own keys and values"),
+        (with_mistake(layer_step_solution, "no pad mask"), "padding positions received"),
+    ]),
+    "decoder step": (check_decoder_step, "my_decoder_step", decoder_step_solution, [
+        (with_mistake(decoder_step_solution, "positions from 0"), "tokens placed at the start"),
+        (with_mistake(decoder_step_solution, "no final norm"), "between the last block and the output layer"),
+    ]),
+    "greedy by hand": (check_greedy_by_hand, "my_greedy_by_hand", greedy_by_hand_solution, [
+        (with_mistake(greedy_by_hand_solution, "re-project"), r"projected \d+ times for \d+ steps"),
+        (with_mistake(greedy_by_hand_solution, "position 0"), "fed every token at the same position"),
+        (with_mistake(greedy_by_hand_solution, "whole target"), "a step needs only the newest token"),
+        (greedy_by_hand_with_bos, "starts with BOS"),
+    ]),
+}
+
+
+@pytest.mark.parametrize("step", list(BUILD_STEPS))
+def test_build_step_check_passes_the_solution(step, capsys):
+    check, name, solution, _ = BUILD_STEPS[step]
+    check(solution)
+    assert f"✓ {name}: all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step", list(BUILD_STEPS))
+def test_build_step_check_reports_the_stub_as_not_done(step, capsys):
+    check, name, _, _ = BUILD_STEPS[step]
+    assert check(stub) is None
+    assert_not_done(capsys, name)
+
+
+@pytest.mark.parametrize("step, wrong, hint", [(step, wrong, hint) for step, (_, _, _, mistakes) in BUILD_STEPS.items()
+                                               for wrong, hint in mistakes])
+def test_build_step_check_fails_catalogued_mistakes(step, wrong, hint):
+    check = BUILD_STEPS[step][0]
+    with pytest.raises(AssertionError, match=hint):
+        check(wrong)

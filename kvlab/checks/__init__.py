@@ -18,8 +18,9 @@ from .gpt import check_apply_rope, check_gqa_cost, check_modern_param_count, che
 from .kv_cache import (check_chunked_prefill, check_concat_cache, check_kv_cache_bytes,  # noqa: F401
                        check_modern_forward, check_sliding_window_mask, check_window_divergence)
 from .tokens import check_bpe_encode, check_domain_ratio, check_nats_per_char, check_stream_decode  # noqa: F401
-from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_greedy_decode,  # noqa: F401
-                      check_padding_mask, check_saved_projections)
+from .seq2seq import (check_cross_attention, check_cross_kv_for_samples, check_decoder_layer_step,  # noqa: F401
+                      check_decoder_step, check_greedy_by_hand, check_greedy_decode, check_padding_mask,
+                      check_project_memory, check_saved_projections)
 from .bugzoo import (CacheCheckFailed, check_cache, check_chunked_prefill_mask, check_decode_positions,  # noqa: F401
                      check_keys_values, check_reset_between_prompts, check_window_eviction)
 from .training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at  # noqa: F401

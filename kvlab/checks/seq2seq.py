@@ -1,7 +1,10 @@
-"""Checks for chapter 8's exercises: padding masks, cross-attention, cached greedy decoding.
+"""Checks for chapter 8: padding masks, cross-attention, the cached decoder built by hand, greedy decoding.
 
 Each check compares the learner's function with kvlab's own (`attention_reference`,
-`Seq2SeqTransformer`, `greedy_decode`) on several shapes, small cases first. Inputs come from
+`Seq2SeqTransformer`, `greedy_decode`) on several shapes, small cases first. The build steps of the
+cached decoder (the cross cache, one layer's cached step, the whole step, the greedy loop) run with
+kvlab's own version of their piece switched off (`without_kvlab`), count the memory's projections
+with forward hooks, and name the catalogued mistake an output matches. Inputs come from
 private `torch.Generator`s and models are built inside `torch.random.fork_rng`, so a check
 never moves the notebook's random state. Built in chapter 8.
 """
@@ -13,12 +16,14 @@ from collections.abc import Callable
 
 import torch
 
-from ..attention import attention_reference
+from ..attention import CrossAttention, SelfAttention, attention_mask, attention_reference, merge_heads, split_heads
 from ..beam import beam_search
-from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
-from ._common import call_learner, close, learner_check, passed, require_answer
+from ..cache import KVCache
+from ..seq2seq import CrossAttentionCache, DecoderBlock, Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
+from ._common import call_learner, close, learner_check, methods_of, passed, require_answer
 
-__all__ = ["check_padding_mask", "check_cross_attention", "check_greedy_decode", "check_cross_kv_for_samples",
+__all__ = ["check_padding_mask", "check_cross_attention", "check_project_memory", "check_decoder_layer_step",
+           "check_decoder_step", "check_greedy_by_hand", "check_greedy_decode", "check_cross_kv_for_samples",
            "check_saved_projections"]
 
 
@@ -182,6 +187,25 @@ def _same_up_to_eos(got: torch.Tensor, expected: torch.Tensor, eos_id: int) -> b
     return True
 
 
+def _token_hints(got, expected: torch.Tensor, c: Seq2SeqConfig, where: str) -> None:
+    """The mistakes of a greedy loop's bookkeeping that leave the tokens themselves right."""
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"{where} return a tensor of token ids (B, N), got {type(got).__name__}")
+    if got.dim() == 2 and got.size(0) == expected.size(0) and not torch.equal(got, expected):
+        if got.size(1) >= 1 and bool((got[:, 0] == c.bos_id).all()):
+            raise AssertionError(f"{where} your output starts with BOS. Return only the generated tokens; "
+                                 "BOS is the decoder's first input, not an output.")
+        n = expected.size(1)
+        if got.size(1) > n and torch.equal(got[:, :n], expected) and bool((got[:, n:] == c.pad_id).all()):
+            raise AssertionError(f"{where} the tokens are right, but every row had finished after {n} "
+                                 f"steps and you returned {got.size(1)} columns: stop as soon as every "
+                                 "row has emitted EOS.")
+        if got.shape == expected.shape and _same_up_to_eos(got, expected, c.eos_id):
+            raise AssertionError(f"{where} every row is right up to its EOS, but not after it: after "
+                                 "its EOS a row must hold only PAD (its later predictions are "
+                                 "meaningless).")
+
+
 @learner_check
 def check_greedy_decode(fn: Callable) -> None:
     """`fn(model, src, max_new_tokens) -> (B, N)`: cached greedy decoding, compared token for
@@ -200,21 +224,7 @@ def check_greedy_decode(fn: Callable) -> None:
             for h in hooks:
                 h.remove()
         where = f"[{label}, max_new_tokens={n_new}]"
-        if not isinstance(got, torch.Tensor):
-            raise AssertionError(f"{where} return a tensor of token ids (B, N), got {type(got).__name__}")
-        if got.dim() == 2 and got.size(0) == expected.size(0) and not torch.equal(got, expected):
-            if got.size(1) >= 1 and bool((got[:, 0] == c.bos_id).all()):
-                raise AssertionError(f"{where} your output starts with BOS. Return only the generated tokens; "
-                                     "BOS is the decoder's first input, not an output.")
-            n = expected.size(1)
-            if got.size(1) > n and torch.equal(got[:, :n], expected) and bool((got[:, n:] == c.pad_id).all()):
-                raise AssertionError(f"{where} the tokens are right, but every row had finished after {n} "
-                                     f"steps and you returned {got.size(1)} columns: stop as soon as every "
-                                     "row has emitted EOS.")
-            if got.shape == expected.shape and _same_up_to_eos(got, expected, c.eos_id):
-                raise AssertionError(f"{where} every row is right up to its EOS, but not after it: after "
-                                     "its EOS a row must hold only PAD (its later predictions are "
-                                     "meaningless).")
+        _token_hints(got, expected, c, where)
         close(got, expected, f"{where} feed BOS first, then each step's argmax token, at consecutive positions; "
                              "the source's padding must be masked (model.encode and the cache do it for you).")
         if len(calls) != c.n_layers:
@@ -223,6 +233,326 @@ def check_greedy_decode(fn: Callable) -> None:
                 f"{len(calls)} times for {expected.size(1)} steps of a {c.n_layers}-layer decoder. They depend "
                 f"only on the source: project them once per layer ({c.n_layers} in all) and reuse them.")
     passed("my_greedy_decode")
+
+
+# --------------------------------------------------------------------------- build steps: the cached decoder
+#
+# The chapter builds the decoder's cached step in four steps: the cross cache (the memory projected
+# once per layer), one decoder layer's cached step, the whole step (token ids to logits), and the
+# greedy loop around it. Each check runs the learner's code with kvlab's own version of that piece
+# switched off; the lower pieces the step is made of (nn.Linear, the norms and MLPs, chapter 4's
+# layer caches, the attention helpers, and the earlier build steps' library versions) stay on.
+
+# The chapter's models have as many key/value heads as query heads; so do these. Seeds chosen, as for
+# _DECODE_CASES, so that the first case has rows ending at different steps or never, the second
+# finishes every row early and the third never emits EOS; the tests pin these properties.
+_BUILD_CASES = [
+    # (label, config overrides, seed, source lengths, max_new_tokens for the greedy loop)
+    ("2 layers, 3 sources of lengths 5, 9, 2", dict(), 14, (5, 9, 2), 14),
+    ("3 layers, 4 sources of lengths 7, 3, 8, 1", dict(n_layers=3), 1, (7, 3, 8, 1), 16),
+    ("1 layer, one source", dict(n_layers=1), 6, (6,), 12),
+]
+# How each case feeds its target to a step: one token per call, or chunks (a first chunk at
+# position 0, later a chunk after earlier tokens, which needs a mask built from positions).
+_PLANS = [(1, 1, 1, 1, 1, 1, 1), (1, 2, 1, 1, 3), (3, 1, 2, 1)]
+
+_PROJECT_OFF = ("projection of the memory",
+                [CrossAttention.project_memory, CrossAttentionCache.from_memory, Seq2SeqTransformer.new_cache])
+_LAYER_OFF = ("decoder layer", [DecoderBlock.forward, SelfAttention.forward, CrossAttention.forward])
+_STEP_OFF = ("decoder", methods_of(Seq2SeqTransformer, containing="decode") + [Seq2SeqTransformer.forward])
+_GREEDY_OFF = ("greedy decoder", [greedy_decode, beam_search, Seq2SeqTransformer.forward, Seq2SeqTransformer.new_cache,
+                                  CrossAttentionCache.from_memory] + methods_of(Seq2SeqTransformer, containing="decode"))
+_RAISED = (RuntimeError, ValueError, IndexError, TypeError, AttributeError)
+
+
+def _raised(where: str, err: Exception, hint: str) -> AssertionError:
+    return AssertionError(f"{where} your function failed with {type(err).__name__}: {err}\nHint: {hint}")
+
+
+def _pad_mask(model, src):
+    return src != model.config.pad_id
+
+
+@learner_check
+def check_project_memory(fn: Callable) -> None:
+    """`fn(model, memory) -> [(k, v), ...]`: per decoder layer, the cross-attention keys and values of
+    the memory (B, S, C), each (B, H, S, D), compared with `CrossAttention.project_memory`; each layer's
+    `cross_attn.kv` must be called once, on the whole memory."""
+    name = "my_project_memory"
+    for label, overrides, seed, lengths, _ in _BUILD_CASES:
+        model, src = _decode_case(overrides, seed, lengths)
+        c, where = model.config, f"[{label}]"
+        B, S = src.shape
+        with torch.no_grad():
+            memory = model.encode(src)
+            expected = [b.cross_attn.project_memory(memory) for b in model.decoder]
+            try:
+                got, rows = _count_kv_calls(model, lambda: call_learner(fn, model, memory.clone(), name=name,
+                                                                        without=_PROJECT_OFF))
+            except _RAISED as err:
+                raise _raised(where, err, "go through model.decoder; each block's cross_attn.kv is an nn.Linear "
+                                          "from C to 2·C channels.") from err
+        if not isinstance(got, (list, tuple)) or len(got) != c.n_layers:
+            length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
+            raise AssertionError(f"{where} return a list with one (k, v) pair per decoder layer ({c.n_layers}), "
+                                 f"got {type(got).__name__}{length}")
+        shape = (B, c.n_heads, S, c.head_dim)
+        for i, (pair, (k_exp, v_exp)) in enumerate(zip(got, expected)):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise AssertionError(f"{where} layer {i}: expected a (k, v) pair")
+            for what, t in zip("kv", pair):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                    got_shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise AssertionError(f"{where} layer {i}: {what} should be (B, H, S, D) = {shape}, one slice of "
+                                         f"the channels per head, got {got_shape}.")
+            k, v = pair
+            if torch.allclose(k, v_exp, atol=1e-5) and torch.allclose(v, k_exp, atol=1e-5):
+                raise AssertionError(f"{where} layer {i}: k holds the values and v the keys: look at which half of "
+                                     "cross_attn.kv's output is which.")
+            if i > 0 and torch.allclose(k, expected[0][0], atol=1e-5):
+                raise AssertionError(f"{where} layer {i} holds layer 0's keys: every decoder layer has its own "
+                                     "cross-attention weights, and so its own keys and values.")
+            close(k, k_exp, f"{where} layer {i}: keys.")
+            close(v, v_exp, f"{where} layer {i}: values.")
+        if len(rows) != c.n_layers or any(r != B for r in rows):
+            raise AssertionError(
+                f"{where} your keys and values are right, but the layers' cross_attn.kv ran {len(rows)} times for "
+                f"{c.n_layers} layers (rows per call: {rows}). One call of a layer's projection on the whole "
+                "memory gives that layer's keys and values both.")
+    passed(name)
+
+
+def _layer_step_ref(block, x, input_pos, layer_cache, cross_kv, pad_mask, mistake=None):
+    """One decoder block on new positions with its two caches: the check's reference, with each
+    catalogued mistake as an option."""
+    sa, ca = block.self_attn, block.cross_attn
+    H, T = sa.n_heads, x.size(1)
+    q, k, v = (split_heads(t, H) for t in sa.qkv(block.norm1(x)).chunk(3, dim=-1))  # each (B, H, T, D)
+    if mistake == "no self cache":  # the new tokens see only each other
+        mask = attention_mask(input_pos, input_pos)
+    else:
+        k_pos = layer_cache.key_positions(input_pos)
+        k, v = layer_cache.update(k, v, input_pos)  # (B, H, S_tgt, D)
+        mask = {"no mask": None, "top-left": torch.ones(T, k.size(2), dtype=torch.bool).tril()}.get(
+            mistake, attention_mask(input_pos, k_pos))
+    y, _ = attention_reference(q, k, v, mask)
+    x = x + sa.out(merge_heads(y))
+    q = split_heads(ca.q(block.norm2(x)), H)
+    if mistake == "self for cross":  # the target's own keys and values
+        y, _ = attention_reference(q, k, v, mask)
+    else:
+        y, _ = attention_reference(q, *cross_kv, None if mistake == "no pad mask" else pad_mask[:, None, None, :])
+    x = x + ca.out(merge_heads(y))
+    return x + block.mlp(block.norm3(x))
+
+
+def _new_self_cache(c: Seq2SeqConfig, B: int, n_positions: int, n_layers: int | None = None) -> KVCache:
+    return KVCache.create("static", n_layers=c.n_layers if n_layers is None else n_layers, batch_size=B,
+                          n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, max_seq_len=n_positions)
+
+
+def _feed(step, plan, seq, *args):
+    """Call step(chunk, input_pos, *args) for each chunk of seq (B, N, ...) that plan gives; the outputs."""
+    outs, start = [], 0
+    for T in plan:
+        outs.append(step(seq[:, start:start + T], torch.arange(start, start + T), *args))
+        start += T
+    return outs
+
+
+_LAYER_HINTS = {
+    "no self cache": "from the second call on, each new token saw only the tokens fed in the same call, as if "
+                     "the target had started there: the keys and values of earlier calls are in the layer cache.",
+    "top-left": "a query saw only the first keys of the target, as a mask aligned to the top-left corner of "
+                "the scores does; a query at position p sees the keys at positions up to p.",
+    "no mask": "in a call that feeds several tokens, a token saw the keys of tokens after it in the same call.",
+    "self for cross": "the cross-attention sublayer attended over the target's own keys and values; its "
+                      "keys and values describe the source.",
+    "no pad mask": "the source's padding positions received cross-attention weight.",
+}
+
+
+@learner_check
+def check_decoder_layer_step(fn: Callable) -> None:
+    """`fn(block, x, input_pos, layer_cache, cross_kv, pad_mask) -> (B, T, C)`: one `DecoderBlock` on
+    the residual stream x (B, T, C) of new target positions input_pos (T,), with the block's static
+    self-attention cache and its (k, v) cross cache; pad_mask (B, S) is True on real source tokens.
+    Fed call by call (one token, or chunks), compared with the block run once over the whole target
+    without any cache."""
+    name = "my_decoder_layer_step"
+    g = torch.Generator().manual_seed(8)
+    for (label, overrides, seed, lengths, _), plan in zip(_BUILD_CASES, _PLANS):
+        model, src = _decode_case(overrides, seed, lengths)
+        c, block = model.config, model.decoder[-1]
+        B, N = src.size(0), sum(plan)
+        x = torch.randn(B, N, c.d_model, generator=g)
+        with torch.no_grad():
+            pad_mask = _pad_mask(model, src)
+            cross_kv = block.cross_attn.project_memory(model.encode(src))
+            expected = block(x, cross_kv, is_causal=True, cross_mask=pad_mask[:, None, None, :])  # no cache at all
+            variants = {m: torch.cat(_feed(lambda *a, m=m: _layer_step_ref(block, *a, mistake=m), plan, x,
+                                           _new_self_cache(c, B, N, 1).layers[0], cross_kv, pad_mask), dim=1)
+                        for m in _LAYER_HINTS}
+            layer_cache = _new_self_cache(c, B, N, 1).layers[0]
+            start = 0
+            for n, T in enumerate(plan):
+                where = f"[{label}; call {n + 1} of {len(plan)}, positions {start}..{start + T - 1}]"
+                try:
+                    got = call_learner(fn, block, x[:, start:start + T].clone(), torch.arange(start, start + T),
+                                       layer_cache, tuple(t.clone() for t in cross_kv), pad_mask.clone(), name=name,
+                                       without=_LAYER_OFF)
+                except _RAISED as err:
+                    raise _raised(where, err, "the self-attention keys and values go through "
+                                  "layer_cache.update(k, v, input_pos); check the shapes on the way.") from err
+                want = expected[:, start:start + T]
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                    got_shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                    raise AssertionError(f"{where} return the residual stream (B, T, C) = {tuple(want.shape)}, "
+                                         f"got {got_shape}.")
+                if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+                    for mistake, hint in _LAYER_HINTS.items():
+                        if torch.allclose(got, variants[mistake][:, start:start + T], atol=1e-4, rtol=1e-4):
+                            raise AssertionError(f"{where} {hint}")
+                    close(got, want, f"{where} the block's three sublayers, each reading a normalised copy of "
+                                     "the stream and adding its output back.", atol=1e-4, rtol=1e-4)
+                start += T
+        if layer_cache.length != N:
+            raise AssertionError(f"[{label}] your outputs are right, but after {N} positions the layer cache "
+                                 f"holds {layer_cache.length}: the next call reads its keys and values from there.")
+    passed(name)
+
+
+def _decoder_step_ref(model, tgt, input_pos, self_cache, cross_kv, pad_mask, mistake=None):
+    """The whole decoder on new target tokens with both caches, through kvlab's blocks; the check's
+    reference for the catalogued mistakes."""
+    x = model.tok_emb(tgt) + model.pos_emb(torch.arange(tgt.size(1)) if mistake == "positions from 0" else input_pos)
+    mask = attention_mask(input_pos, self_cache.key_positions(input_pos))
+    for i, block in enumerate(model.decoder):
+        x = block(x, cross_kv[i], mask=mask, cross_mask=pad_mask[:, None, None, :], cache=self_cache.layers[i],
+                  input_pos=input_pos)
+    return model.lm_head(x if mistake == "no final norm" else model.dec_norm(x))
+
+
+_STEP_HINTS = {
+    "positions from 0": "from the second call on, your logits are those of tokens placed at the start of the "
+                        "target: the position table's rows must be those of the tokens' own positions.",
+    "no final norm": "your logits are off at every call, the first one included, though the layers may be "
+                     "right: compare what happens between the last block and the output layer with the "
+                     "model's forward.",
+}
+
+
+@learner_check
+def check_decoder_step(fn: Callable) -> None:
+    """`fn(model, tgt, input_pos, self_cache, cross_kv, pad_mask) -> (B, T, V)`: the decoder's cached step
+    for target ids tgt (B, T) at positions input_pos (T,), with a static `KVCache` for self-attention and
+    the cross cache (a (k, v) pair per layer); fed call by call, compared with `model.decode` run once
+    over the whole target without any cache."""
+    name = "my_decoder_step"
+    for (label, overrides, seed, lengths, _), plan in zip(_BUILD_CASES, _PLANS):
+        model, src = _decode_case(overrides, seed, lengths)
+        c = model.config
+        B, N = src.size(0), sum(plan)
+        g = torch.Generator().manual_seed(seed)
+        tgt = torch.randint(3, c.vocab_size, (B, N), generator=g)
+        tgt[:, 0] = c.bos_id
+        with torch.no_grad():
+            pad_mask = _pad_mask(model, src)
+            memory = model.encode(src, pad_mask)
+            cross_kv = [b.cross_attn.project_memory(memory) for b in model.decoder]
+            expected = model.decode(tgt, memory, pad_mask)  # (B, N, V): every position at once, no cache
+            variants = {m: torch.cat(_feed(lambda *a, m=m: _decoder_step_ref(model, *a, mistake=m), plan, tgt,
+                                           _new_self_cache(c, B, N), cross_kv, pad_mask), dim=1)
+                        for m in _STEP_HINTS}
+            self_cache = _new_self_cache(c, B, N)
+            start = 0
+            for n, T in enumerate(plan):
+                where = f"[{label}; call {n + 1} of {len(plan)}, positions {start}..{start + T - 1}]"
+                try:
+                    got = call_learner(fn, model, tgt[:, start:start + T].clone(), torch.arange(start, start + T),
+                                       self_cache, list(cross_kv), pad_mask.clone(), name=name, without=_STEP_OFF)
+                except _RAISED as err:
+                    raise _raised(where, err, "embed the new tokens, run each decoder layer with its own layer "
+                                              "cache and cross keys, then the output layer.") from err
+                want = expected[:, start:start + T]
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                    got_shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                    raise AssertionError(f"{where} return logits (B, T, V) = {tuple(want.shape)}, got {got_shape}.")
+                if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+                    for mistake, hint in _STEP_HINTS.items():
+                        if torch.allclose(got, variants[mistake][:, start:start + T], atol=1e-5, rtol=1e-4):
+                            raise AssertionError(f"{where} {hint}")
+                    close(got, want, f"{where} check your layer step with check_decoder_layer_step first.",
+                          atol=1e-5, rtol=1e-4)
+                start += T
+        if self_cache.length != N:
+            raise AssertionError(f"[{label}] your logits are right, but after {N} positions the self-attention "
+                                 f"cache holds {self_cache.length}: each layer writes its keys into its own layer "
+                                 "cache.")
+    passed(name)
+
+
+def _greedy_at_position_0(model, src, n_new):
+    """The catalogued mistake of the loop: every step fed at position 0 (the position never advanced)."""
+    c = model.config
+    B = src.size(0)
+    cache = model.new_cache(model.encode(src), _pad_mask(model, src), max_seq_len=max(n_new, 1))
+    out = torch.full((B, n_new), c.pad_id, dtype=torch.long)
+    token, finished = torch.full((B, 1), c.bos_id), torch.zeros(B, dtype=torch.bool)
+    for n in range(n_new):
+        nxt = torch.where(finished, c.pad_id, model.decode(token, cache=cache, input_pos=0)[:, -1].argmax(-1))
+        out[:, n] = nxt
+        finished |= nxt == c.eos_id
+        if bool(finished.all()):
+            return out[:, : n + 1]
+        token = nxt[:, None]
+    return out
+
+
+@learner_check
+def check_greedy_by_hand(fn: Callable) -> None:
+    """`fn(model, src, max_new_tokens) -> (B, N)`: greedy decoding with both caches made by hand (the
+    memory projected once per layer, a static `KVCache` for self-attention) around the cached step;
+    compared token for token with `kvlab.greedy_decode` with and without its caches. The cross keys
+    must be projected once per layer, and every step must feed only the newest token of each row."""
+    name = "my_greedy_by_hand"
+    for label, overrides, seed, lengths, n_new in _BUILD_CASES:
+        model, src = _decode_case(overrides, seed, lengths)
+        c, B = model.config, src.size(0)
+        where = f"[{label}, max_new_tokens={n_new}]"
+        with torch.no_grad():
+            expected = greedy_decode(model, src, n_new)
+            assert torch.equal(expected, greedy_decode(model, src, n_new, use_cache=False))  # the library agrees
+            at_0 = _greedy_at_position_0(model, src, n_new)
+            fed: list[int] = []  # rows fed to the first decoder layer's self-attention, per call
+            hook = model.decoder[0].self_attn.qkv.register_forward_hook(
+                lambda m, args, out: fed.append(args[0].shape[:-1].numel()))
+            try:
+                got, rows = _count_kv_calls(model, lambda: call_learner(fn, model, src.clone(), n_new, name=name,
+                                                                        without=_GREEDY_OFF))
+            except _RAISED as err:
+                raise _raised(where, err, "project the memory once, make a static self-attention cache, then "
+                                          "call your decoder step once per new token.") from err
+            finally:
+                hook.remove()
+        _token_hints(got, expected, c, where)
+        if isinstance(got, torch.Tensor) and got.shape == at_0.shape and torch.equal(got, at_0) \
+                and not torch.equal(at_0, expected):
+            raise AssertionError(f"{where} your tokens are those of a decoder fed every token at the same position: "
+                                 "each step's token goes to the position after the previous one.")
+        close(got, expected, f"{where} start every row from BOS, feed back each step's argmax token, and pass the "
+                             "source's padding mask; build steps 1 to 3 must pass first.")
+        if len(rows) != c.n_layers:
+            raise AssertionError(
+                f"{where} your tokens are right, but the cross-attention keys and values were projected "
+                f"{len(rows)} times for {expected.size(1)} steps of a {c.n_layers}-layer decoder. They depend "
+                "only on the source.")
+        if any(r != B for r in fed):
+            raise AssertionError(
+                f"{where} your tokens are right, but the decoder was fed {sorted(set(fed))} token rows per call "
+                f"for {B} sources: with the self-attention cache, the earlier tokens' keys and values are already "
+                "stored; a step needs only the newest token of each row.")
+    passed(name)
 
 
 # --------------------------------------------------------------------------- the cross cache, several samples
