@@ -36,6 +36,16 @@ def delegate_kv_bytes(config, seq_len, batch_size, bytes_per_element):
     return kvlab.kv_cache_bytes(config.n_layers, config.n_kv_heads, config.head_dim, seq_len, batch_size, dtype)
 
 
+def delegate_layer_step(block, x, input_pos, layer_cache, cross_kv, pad_mask):
+    mask = kvlab.attention_mask(input_pos, layer_cache.key_positions(input_pos))
+    return block(x, cross_kv, mask=mask, cross_mask=pad_mask[:, None, None, :], cache=layer_cache, input_pos=input_pos)
+
+
+def delegate_decoder_step(model, tgt, input_pos, self_cache, cross_kv, pad_mask):
+    cross = kvlab.seq2seq.CrossAttentionCache(cross_kv, pad_mask[:, None, None, :])
+    return model.decode(tgt, cache=kvlab.seq2seq.EncoderDecoderCache(self_cache, cross), input_pos=int(input_pos[0]))
+
+
 DELEGATING = {  # check -> an answer that only calls kvlab
     "check_bpe_encode": (checks.check_bpe_encode, lambda text, merges: token_checks._encode(text, merges)),
     "check_multi_head_attention": (checks.check_multi_head_attention, delegate_mha),
@@ -53,6 +63,15 @@ DELEGATING = {  # check -> an answer that only calls kvlab
                             lambda model, src, n: kvlab.seq2seq.greedy_decode(model, src, n)),
     "check_greedy_decode (through beam search)": (
         checks.check_greedy_decode, lambda model, src, n: kvlab.beam_search(model, src, n, num_beams=1)),
+    "check_project_memory": (checks.check_project_memory,
+                             lambda model, memory: [b.cross_attn.project_memory(memory) for b in model.decoder]),
+    "check_project_memory (through the library's cross cache)": (
+        checks.check_project_memory, lambda model, memory: kvlab.seq2seq.CrossAttentionCache.from_memory(
+            model.decoder, memory, torch.ones(memory.shape[:2], dtype=torch.bool)).kv),
+    "check_decoder_layer_step": (checks.check_decoder_layer_step, delegate_layer_step),
+    "check_decoder_step": (checks.check_decoder_step, delegate_decoder_step),
+    "check_greedy_by_hand": (checks.check_greedy_by_hand,
+                             lambda model, src, n: kvlab.seq2seq.greedy_decode(model, src, n)),
     "check_reorder_cache": (checks.check_reorder_cache, kvlab.beam.reorder_cache),
 }
 
