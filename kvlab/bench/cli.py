@@ -24,6 +24,7 @@ from ..cpu_kernels import fast_cpu_inference
 from ..gpt import GPT, GPTConfig
 from .chapter10 import beyond
 from .serving import plot_serving, serving_bench
+from .serving_hf import serving_vs_hf
 from .cache_speedup import DEFAULT_LENGTHS, speedup_markdown, speedup_table
 from .timing import decode_weight_bytes, read_bandwidth, sweep
 
@@ -44,6 +45,8 @@ examples:
                                                                     time to first token vs prompt length
   python -m kvlab.bench --new-tokens 1024 --max-seq-len 1056 --cache on
                                                                     a 1024-token per-token trace
+  python -m kvlab.bench --serving --hf --threads 2                  the serving engine vs transformers' generate_batch,
+                                                                    kvlab's static batch and one request at a time
   python -m kvlab.bench --dtype bfloat16 --hf                       the 16-bit path
   python -m kvlab.bench --device cuda --hf --compile --cache on --batch-sizes 1,8
                                                                     on a GPU, with the compiled (CUDA graph) step
@@ -73,7 +76,9 @@ def build_parser() -> Parser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     parser.add_argument("--hf", action="store_true",
                         help="also time Hugging Face generate on the same weights, with its default (dynamic) cache "
-                             "and with cache_implementation='static', both eager (GPT-2 shapes; needs transformers)")
+                             "and with cache_implementation='static', both eager (GPT-2 shapes; needs transformers); "
+                             "with --serving: the serving engine against transformers' continuous batching "
+                             "(generate_batch), kvlab's static batch and one request at a time, --repeats rounds in turns")
     parser.add_argument("--compile", action="store_true",
                         help="also time kvlab.generate(..., compile=True): the decode step through torch.compile, "
                              "with CUDA graphs on a GPU (the warm-up runs pay for compiling)")
@@ -167,13 +172,23 @@ def _check_fits(parser: Parser, args, config: GPTConfig, random_weights: bool) -
         if needed > L:
             _context_error(parser, f"the longest --prompt-lens {max(args.prompt_lens)} + --new-tokens "
                                    f"{max(args.new_tokens)}", needed, config, random_weights)
-        gpt2_like = (config.norm, config.mlp, config.pos, config.bias, config.tie_embeddings, config.n_kv_heads) == \
-            ("layernorm", "gelu", "learned", True, True, config.n_heads)
-        if args.hf and not gpt2_like:
-            parser.error(f"--hf compares with Hugging Face's GPT-2, which needs a GPT-2-style model (layernorm, "
-                         f"gelu, learned positions, biases, tied embeddings, no grouped-query attention); "
-                         f"--model {args.model} is not one")
+    gpt2_like = (config.norm, config.mlp, config.pos, config.bias, config.tie_embeddings, config.n_kv_heads) == \
+        ("layernorm", "gelu", "learned", True, True, config.n_heads)
+    if args.hf and not gpt2_like:
+        parser.error(f"--hf compares with Hugging Face's GPT-2, which needs a GPT-2-style model (layernorm, "
+                     f"gelu, learned positions, biases, tied embeddings, no grouped-query attention); "
+                     f"--model {args.model} is not one")
+    if args.serving and args.hf:
+        needed = max(_SERVING_HF_PROMPT[1] + args.serving_new_tokens, _SERVING_HF_PREFIX + 16 + 4)
+        if needed > L:
+            _context_error(parser, f"--serving --hf's longest request ({_SERVING_HF_PROMPT[1]}-token prompt + "
+                                   f"--serving-new-tokens {args.serving_new_tokens}) or its shared prompt "
+                                   f"({_SERVING_HF_PREFIX} + 16 own tokens + 4 new)", needed, config, random_weights)
     _check_outputs(parser, args)
+
+
+_SERVING_HF_PROMPT = (16, 64)  # --serving --hf: the requests' prompt lengths
+_SERVING_HF_PREFIX = 256  # and the shared prompt's
 
 
 def _check_outputs(parser: Parser, args) -> None:
@@ -216,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup must be >= 0")
     if args.serving and args.speedup_table:
         parser.error("--serving and --speedup-table are separate runs; choose one")
+    if args.serving and args.hf and args.plot:
+        parser.error("--serving --hf writes a JSON record only; leave out --plot (--serving alone draws one)")
     args.model = args.model or "gpt2"
     config, random_weights = _config(parser, args)
     args.random_weights = random_weights
@@ -227,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         model = _model(args, config, random_weights, device)
     except (ValueError, OSError) as err:
         parser.error(str(err))
+    if args.serving and args.hf:
+        return run_serving_vs_hf(model, args, command)
     if args.serving:
         return run_serving(model, args, command)
     if args.speedup_table:
@@ -240,18 +259,36 @@ def _write(result: dict, args, command: str) -> None:
     print(f"wrote {args.out}")
 
 
+def _hf_twin(model: GPT, dtype: str):
+    """Hugging Face's GPT2LMHeadModel holding `model`'s weights, on its device, in `dtype`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ..pretrained import to_hf_gpt2_state_dict
+
+    c = model.config
+    hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
+                                          n_layer=c.n_layers, n_head=c.n_heads)).eval()
+    hf_model.load_state_dict(to_hf_gpt2_state_dict(model), strict=False)
+    return hf_model.to(device=model.device, dtype=getattr(torch, dtype))
+
+
+def run_serving_vs_hf(model: GPT, args, command: str) -> int:
+    """`python -m kvlab.bench --serving --hf`: the engine against transformers' continuous batching,
+    kvlab's static batch and one request at a time (kvlab.bench.serving_hf), as JSON."""
+    import transformers
+
+    result = serving_vs_hf(model, _hf_twin(model, args.dtype), prompt_range=_SERVING_HF_PROMPT,
+                           new_tokens=args.serving_new_tokens, rounds=args.repeats, prefix_len=_SERVING_HF_PREFIX)
+    result["transformers"] = transformers.__version__
+    result["model_name"] = args.model
+    _write(result, args, command)
+    for name, value in result["targets"].items():
+        print(f"{name}: {value:.3f}" if not isinstance(value, bool) else f"{name}: {value}")
+    return 0
+
+
 def _run_sweep(model: GPT, args, command: str) -> int:
-    hf_model = None
-    if args.hf:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        from ..pretrained import to_hf_gpt2_state_dict
-
-        c = model.config
-        hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
-                                              n_layer=c.n_layers, n_head=c.n_heads)).eval()
-        hf_model.load_state_dict(to_hf_gpt2_state_dict(model), strict=False)
-        hf_model.to(device=model.device, dtype=getattr(torch, args.dtype))
+    hf_model = _hf_twin(model, args.dtype) if args.hf else None
     use_cache = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
     result = sweep(model, batch_sizes=args.batch_sizes, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
                    use_cache=use_cache, repeats=args.repeats, warmup=args.warmup, hf_model=hf_model,
