@@ -14,6 +14,7 @@ import kvlab
 from kvlab import checks
 from kvlab.checks import _common
 from kvlab.checks import attention as attention_checks
+from kvlab.checks import beyond as beyond_checks
 from kvlab.checks import tokens as token_checks
 from kvlab.train import TrainConfig, lr_at
 
@@ -46,6 +47,36 @@ def delegate_decoder_step(model, tgt, input_pos, self_cache, cross_kv, pad_mask)
     return model.decode(tgt, cache=kvlab.seq2seq.EncoderDecoderCache(self_cache, cross), input_pos=int(input_pos[0]))
 
 
+def delegate_greedy_round(target, cache, tokens, guesses):  # right, but rolls back with kvlab's rollback_cache
+    L = len(tokens)
+    best = target(torch.tensor([[tokens[-1]] + guesses]), cache, input_pos=L - 1)[0].argmax(-1).tolist()
+    n = 0
+    while n < len(guesses) and guesses[n] == best[n]:
+        n += 1
+    kvlab.speculative.rollback_cache(cache, L + n)
+    return guesses[:n] + [best[n]]
+
+
+def delegate_greedy_round_generate(target, cache, tokens, guesses):  # kvlab's whole speculative decoder
+    draft = kvlab.speculative.NGramDraft(1)
+    draft.propose = lambda text, k: list(guesses)[:k]
+    out = kvlab.speculative.speculative_generate(target, draft, torch.tensor([tokens]), len(guesses) + 1,
+                                                 k=max(len(guesses), 1), temperature=0)
+    return out[0, len(tokens):].tolist()
+
+
+def delegate_accept_sampled(p, q, guesses, generator):  # kvlab's sampler on stand-in models
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=p.size(-1), max_seq_len=8, d_model=8, n_layers=1, n_heads=1))
+    out = kvlab.speculative.speculative_generate(model, model, torch.tensor([[0]]), 1, k=max(len(guesses), 1),
+                                                 generator=generator)
+    return 0, int(out[0, -1])
+
+
+def hand_dequantize(q, step, low):
+    return ((q.float().unflatten(-1, (step.size(-1), -1)) + 128) * step.float()[..., None]
+            + low.float()[..., None]).flatten(-2)
+
+
 DELEGATING = {  # check -> an answer that only calls kvlab
     "check_bpe_encode": (checks.check_bpe_encode, lambda text, merges: token_checks._encode(text, merges)),
     "check_multi_head_attention": (checks.check_multi_head_attention, delegate_mha),
@@ -73,6 +104,14 @@ DELEGATING = {  # check -> an answer that only calls kvlab
     "check_greedy_by_hand": (checks.check_greedy_by_hand,
                              lambda model, src, n: kvlab.seq2seq.greedy_decode(model, src, n)),
     "check_reorder_cache": (checks.check_reorder_cache, kvlab.beam.reorder_cache),
+    "check_greedy_round (kvlab's rollback)": (beyond_checks.check_greedy_round, delegate_greedy_round),
+    "check_greedy_round (kvlab's speculative_generate)": (beyond_checks.check_greedy_round,
+                                                          delegate_greedy_round_generate),
+    "check_accept_sampled": (beyond_checks.check_accept_sampled, delegate_accept_sampled),
+    "check_int8_quantizer": (lambda pair: beyond_checks.check_int8_quantizer(*pair),
+                             (kvlab.quantized.quantize_int8, kvlab.quantized.dequantize_int8)),
+    "check_int8_quantizer (kvlab's quantizer, a hand dequantizer)": (
+        lambda pair: beyond_checks.check_int8_quantizer(*pair), (kvlab.quantized.quantize_int8, hand_dequantize)),
 }
 
 
