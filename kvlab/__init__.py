@@ -16,7 +16,7 @@ from .device import describe_device, pick_device, seed_everything, synchronize
 from .generation import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
 from .pretrained import from_hf_gpt2, load_gpt2, load_shakespeare, to_hf_gpt2_state_dict
-from .sampling import logits_to_probs
+from .sampling import SamplingConfig, logits_to_probs
 from .serving import generate_batch
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
                       greedy_decode)
@@ -43,7 +43,7 @@ __all__ = [
     # the device
     "describe_device", "pick_device", "seed_everything", "synchronize",
     # chapters 1, 7, 8, 9, 10
-    "BPETokenizer", "CharTokenizer", "GPT2Tokenizer", "gpt2_tokenizer", "logits_to_probs",
+    "BPETokenizer", "CharTokenizer", "GPT2Tokenizer", "gpt2_tokenizer", "SamplingConfig", "logits_to_probs",
     "CrossAttentionCache", "EncoderDecoderCache", "Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode",
     "generate_batch", "beam_search", "speculative_generate",
 ]

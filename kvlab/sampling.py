@@ -14,14 +14,18 @@ Each keeps at least one token. Built in chapter 7.
 
 from __future__ import annotations
 
-import math
-import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .validation import ArgumentTypeError, check_non_negative_int, check_number, check_probability
+
 __all__ = [
     "check_sampling_args",
+    "check_generator",
+    "SamplingConfig",
+    "resolve_sampling",
     "apply_temperature",
     "top_k_filter",
     "top_p_filter",
@@ -32,35 +36,76 @@ __all__ = [
 ]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, min_p=None) -> None:
     """Raise TypeError/ValueError naming the argument and its allowed range. Built in chapter 7."""
-    if not _is_number(temperature):
-        raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None:
-        if not _is_int(top_k):
-            raise TypeError(f"top_k must be None or an int >= 0 (0 disables it), got {top_k!r}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None disables it), got {top_k}")
-    if top_p is not None:
-        if not _is_number(top_p):
-            raise TypeError(f"top_p must be None or a number in (0, 1], got {type(top_p).__name__}")
-        if not 0.0 < top_p <= 1.0:  # NaN fails this comparison too
-            raise ValueError(f"top_p must be in (0, 1] (1.0 or None disables it), got {top_p}")
-    if min_p is not None:
-        if not _is_number(min_p):
-            raise TypeError(f"min_p must be None or a number in [0, 1], got {type(min_p).__name__}")
-        if not 0.0 <= min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1] (0 or None disables it), got {min_p}")
+    check_number("temperature", temperature, low=0.0, note="0 means greedy")
+    check_non_negative_int("top_k", top_k, allow_none=True, note="0 or None disables it")
+    check_probability("top_p", top_p, allow_none=True, note="1.0 or None disables it")
+    check_number("min_p", min_p, low=0.0, high=1.0, allow_none=True, note="0 or None disables it")
+
+
+def check_generator(generator) -> None:
+    """A `torch.Generator` or None, else TypeError."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits, checked once when it is made.
+
+    `SamplingConfig(temperature=0)` is greedy; `SamplingConfig(temperature=0.8, top_p=0.95,
+    generator=torch.Generator().manual_seed(0))` samples reproducibly. `kvlab.generate`,
+    `kvlab.speculative_generate` and the command line take these settings as keywords and build
+    one of these; the loops below them pass the one object. Built in chapter 7.
+    """
+
+    temperature: float = 1.0  # divides the logits: 0 is greedy, < 1 sharpens, > 1 flattens
+    top_k: int | None = None  # keep the k most likely tokens (and ties with the k-th); None or 0: off
+    top_p: float | None = None  # keep the smallest set of likely tokens with mass >= top_p; None or 1.0: off
+    min_p: float | None = None  # keep tokens with prob >= min_p x the top token's; None or 0: off
+    generator: torch.Generator | None = None  # random draws (a CPU one: the same tokens on every device)
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+        check_generator(self.generator)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken (temperature 0)."""
+        return self.temperature == 0
+
+    @property
+    def filters(self) -> dict:
+        """The keywords of `logits_to_probs`: temperature, top_k, top_p, min_p."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """Next-token probabilities (..., V) under these settings (`logits_to_probs`)."""
+        return logits_to_probs(logits, **self.filters)
+
+
+def resolve_sampling(sampling: SamplingConfig | None = None, *, temperature=1.0, top_k=None, top_p=None,
+                     min_p=None, generator=None) -> SamplingConfig:
+    """The one `SamplingConfig` behind a call that takes either `sampling=` or the keywords.
+
+    Without `sampling`, the keywords build (and check) one. With it, every keyword must be left
+    at its default (temperature 1.0, the rest None): settings given twice are refused rather
+    than one of them silently ignored. Built in chapter 7.
+    """
+    if sampling is None:
+        return SamplingConfig(temperature, top_k, top_p, min_p, generator)
+    if not isinstance(sampling, SamplingConfig):
+        raise ArgumentTypeError(f"sampling must be a kvlab.sampling.SamplingConfig or None, "
+                                f"got {type(sampling).__name__}")
+    given = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                                 ("top_p", top_p, None), ("min_p", min_p, None),
+                                                 ("generator", generator, None)) if value is not default
+             and value != default]
+    if given:
+        raise TypeError(f"pass the sampling settings either as sampling=SamplingConfig(...) or as keywords, "
+                        f"not both: got sampling= and {', '.join(given)}=")
+    return sampling
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:

@@ -26,7 +26,6 @@ saved before the forward (`save_ring`). Built in chapter 10.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 
 import torch
@@ -34,9 +33,9 @@ from torch import Tensor
 
 from .cache import KVCache
 from .device import synchronize
-from .generation import check_length_and_sampling
 from .gpt import GPT
-from .sampling import logits_to_probs
+from .sampling import SamplingConfig, resolve_sampling
+from .validation import check_int, check_non_negative_int, check_positive_int
 
 __all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "load_shakespeare_draft"]
 
@@ -56,12 +55,8 @@ class NGramDraft:
     """
 
     def __init__(self, order: int = 4, ids: Tensor | list[int] | None = None, *, vocab_size: int | None = None):
-        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
-            raise ValueError(f"order must be a positive int, got {order!r}")
-        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
-                                       or vocab_size < 1):
-            raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
-        self.order = int(order)
+        self.order = check_positive_int("order", order)
+        check_positive_int("vocab_size", vocab_size, allow_none=True)
         self.vocab_size = vocab_size  # checked against the target's when given
         self.tables: list[dict[int, int]] = [{} for _ in range(self.order + 1)]  # [n]: context hash -> next
         self._base = 1
@@ -166,8 +161,7 @@ def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None)
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= cache.length:
-        raise ValueError(f"length must be an int in [0, cache.length={cache.length}], got {length!r}")
+    check_int("length", length, low=0, high=cache.length, allowed=f"an int in [0, cache.length={cache.length}]")
     if length == cache.length:
         return
     if cache.kind == "sliding" and saved is None:
@@ -179,7 +173,9 @@ def rollback_cache(cache: KVCache, length: int, saved: list[dict] | None = None)
 # -- speculative generation ----------------------------------------------------------------------
 
 
-def _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, top_p, min_p, generator, stats):
+def _check_spec_args(target, draft, idx, max_new_tokens, k, stats):
+    """Every argument of `speculative_generate` but the sampling settings (a `SamplingConfig`
+    checks its own when it is made)."""
     if not isinstance(target, GPT):
         raise TypeError(f"target must be a kvlab.GPT, got {type(target).__name__}")
     if not isinstance(draft, (GPT, NGramDraft)):
@@ -188,15 +184,12 @@ def _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, 
     draft_V = draft.config.vocab_size if isinstance(draft, GPT) else draft.vocab_size
     if draft_V is not None and draft_V != V:
         raise ValueError(f"draft has vocab_size={draft_V} but the target has {V}: they must share the tokenizer")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be an int >= 1 (draft tokens per round), got {k}")
+    check_int("k", k, low=1, note="draft tokens per round")
     target.check_inputs(idx)
     if idx.size(0) != 1:
         raise ValueError(f"idx must hold one sequence, shape (1, T), got {tuple(idx.shape)}: speculative decoding "
                          "here accepts a different number of tokens per round, so it runs one sequence at a time")
-    check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator)
+    check_non_negative_int("max_new_tokens", max_new_tokens)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     total = idx.size(1) + max_new_tokens
@@ -231,6 +224,7 @@ def speculative_generate(
     top_p: float | None = None,
     min_p: float | None = None,
     generator: torch.Generator | None = None,
+    sampling: SamplingConfig | None = None,
     stats: dict | None = None,
 ) -> Tensor:
     """Continue one prompt `idx` (1, T) by `max_new_tokens`, with `draft` guessing `k` tokens a round.
@@ -238,18 +232,20 @@ def speculative_generate(
     `draft` is a smaller `kvlab.GPT` with the same vocabulary, or an `NGramDraft`. With
     temperature=0 the result equals `kvlab.generate(target, idx, ..., temperature=0)` up to floating-point
     rounding (a near-tie can flip); otherwise
-    each token follows the target's distribution under the same temperature and filters. Pass a
+    each token follows the target's distribution under the same temperature and filters (given as
+    keywords or as one `sampling=SamplingConfig(...)`, not both). Pass a
     dict as `stats` to get acceptance_rate (kept guesses / guesses), tokens_per_target_forward
     (new tokens / target forwards, the prefill of all but the prompt's last token included), the counts behind them, total_s and
     tokens_per_s. Random draws use `generator` (a CPU generator) when given. Built in chapter 10.
     """
-    _check_spec_args(target, draft, idx, max_new_tokens, k, temperature, top_k, top_p, min_p, generator, stats)
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=generator)
+    _check_spec_args(target, draft, idx, max_new_tokens, k, stats)
     k, N = int(k), int(max_new_tokens)
     T = idx.size(1)
     if N == 0:
         return idx.clone()
-    greedy = temperature == 0
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    greedy, generator = sampling.greedy, sampling.generator
     device = idx.device
     synchronize(device)
     t0 = time.perf_counter()
@@ -282,7 +278,7 @@ def speculative_generate(
                 if greedy:
                     g = int(d_logits.argmax())
                 else:
-                    q = logits_to_probs(d_logits.float(), **filters).cpu()
+                    q = sampling.probs(d_logits.float()).cpu()
                     g = _draw(q, generator)
                     q_rows.append(q)
                 guesses.append(g)
@@ -304,7 +300,7 @@ def speculative_generate(
                 n += 1
             nxt = best[n]
         else:
-            p = logits_to_probs(logits.float(), **filters).cpu()  # (m + 1, V)
+            p = sampling.probs(logits.float()).cpu()  # (m + 1, V)
             nxt = None
             for i, g in enumerate(guesses):
                 q_g = float(q_rows[i][g]) if q_rows else 1.0

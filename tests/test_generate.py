@@ -136,3 +136,27 @@ def test_compile_argument_checks():
         kvlab.generate(model, idx, 4, cache=model.new_cache(1, kind="dynamic"), compile=True)
     with pytest.raises(TypeError, match="compile"):
         kvlab.generate(model, idx, 4, compile="yes")
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.9, top_k=20),
+                                      dict(temperature=1.2, top_p=0.8, min_p=0.05)])
+def test_a_sampling_config_gives_the_same_tokens_as_the_keywords(model, prompt, settings):
+    by_keywords = kvlab.generate(model, prompt, 25, **settings, generator=torch.Generator().manual_seed(3))
+    config = kvlab.SamplingConfig(**settings, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(kvlab.generate(model, prompt, 25, sampling=config), by_keywords)
+    logits = torch.randn(2, 97, generator=torch.Generator().manual_seed(0))
+    config = kvlab.SamplingConfig(**settings, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kvlab.next_token(logits, config),
+                       kvlab.next_token(logits, **settings, generator=torch.Generator().manual_seed(1)))
+
+
+def test_sampling_given_twice_or_of_the_wrong_type_is_refused_before_any_work():
+    model = make_model("gpt2")
+    calls = []
+    model.tok_emb.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="not both"):
+        kvlab.generate(model, x, 5, sampling=kvlab.SamplingConfig(temperature=0), top_k=5)
+    with pytest.raises(TypeError, match="sampling must be a kvlab.sampling.SamplingConfig"):
+        kvlab.generate(model, x, 5, sampling={"temperature": 0})
+    assert not calls

@@ -7,7 +7,8 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from kvlab.sampling import logits_to_probs, min_p_filter, sample, top_k_filter, top_p_filter
+from kvlab.sampling import (SamplingConfig, logits_to_probs, min_p_filter, resolve_sampling, sample, top_k_filter,
+                            top_p_filter)
 
 
 def hf_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
@@ -122,3 +123,43 @@ def test_the_same_cpu_generator_seed_gives_the_same_samples():
 def test_bad_sampling_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         logits_to_probs(torch.randn(1, 10), **kwargs)
+
+
+# -- SamplingConfig: the settings as one checked object ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=-0.1), ValueError, r"temperature must be a finite number >= 0 \(0 means greedy\), got -0.1"),
+    (dict(temperature="hot"), TypeError, "temperature must be a finite number >= 0.*got 'hot'"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(top_k=-1), ValueError, r"top_k must be None or an int >= 0 \(0 or None disables it\), got -1"),
+    (dict(top_k=2.5), TypeError, "top_k must be None or an int >= 0"),
+    (dict(top_k=True), TypeError, "top_k"),
+    (dict(top_p=0.0), ValueError, r"top_p must be None or a number in \(0, 1\]"),
+    (dict(top_p=float("nan")), ValueError, "top_p"),
+    (dict(min_p=1.5), ValueError, r"min_p must be None or a number in \[0, 1\]"),
+    (dict(generator=123), TypeError, "generator must be a torch.Generator or None, got int"),
+])
+def test_sampling_config_refuses_bad_values_naming_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_sampling_config_is_frozen_and_filters_like_the_keywords():
+    config = SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05)
+    with pytest.raises(AttributeError):
+        config.temperature = 2.0
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(config.probs(logits), logits_to_probs(logits, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05))
+    assert SamplingConfig(temperature=0).greedy and not config.greedy
+    assert SamplingConfig() == SamplingConfig(1.0, None, None, None, None)
+
+
+def test_resolve_sampling_takes_one_or_the_other():
+    config = SamplingConfig(temperature=0.5)
+    assert resolve_sampling(config) is config
+    assert resolve_sampling(top_k=3) == SamplingConfig(top_k=3)
+    with pytest.raises(TypeError, match="not both: got sampling= and temperature="):
+        resolve_sampling(config, temperature=0.7)
+    with pytest.raises(TypeError, match="sampling must be a kvlab.sampling.SamplingConfig"):
+        resolve_sampling(dict(temperature=0.5))

@@ -260,3 +260,15 @@ def test_the_chapter_10_bench_runs_and_reports_every_figure(capsys):
     with pytest.raises(SystemExit):
         kvlab.bench.cli.main(["--help"])
     assert "--beyond" in capsys.readouterr().out
+
+
+def test_a_sampling_config_gives_the_same_tokens_as_the_keywords():
+    target = small_model("gpt2", seed=0)
+    draft = small_model("gpt2", seed=1, n_layers=1)
+    settings = dict(temperature=0.9, top_k=30)
+    by_keywords = speculative_generate(target, draft, prompt(), 20, k=3, **settings,
+                                       generator=torch.Generator().manual_seed(4))
+    config = kvlab.SamplingConfig(**settings, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(speculative_generate(target, draft, prompt(), 20, k=3, sampling=config), by_keywords)
+    with pytest.raises(TypeError, match="not both"):
+        speculative_generate(target, draft, prompt(), 20, sampling=config, temperature=0)

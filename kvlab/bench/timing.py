@@ -29,8 +29,9 @@ import torch
 from ..cache import kv_cache_bytes
 from ..cpu_kernels import measured_linears
 from ..device import describe_device, synchronize
-from ..generation import decode_loop, generate, next_token, prefill
+from ..generation import decode_loop, generate, prefill
 from ..gpt import GPT
+from ..sampling import SamplingConfig
 
 __all__ = ["GenerationTiming", "time_generation", "time_hf_generation", "summarize", "sweep", "precision_cost",
            "cache_memory", "read_bandwidth", "decode_weight_bytes", "load_recorded"]
@@ -106,8 +107,8 @@ def time_generation(model: GPT, idx: torch.Tensor, new_tokens: int, *, use_cache
     if use_cache:  # made inside the timed region, as Hugging Face's generate makes its own
         cache = model.new_cache(B, max_seq_len=T + new_tokens, kind=cache_kind) if cache_kind == "static" \
             else model.new_cache(B, kind=cache_kind)
-    out = decode_loop(model, idx, new_tokens, cache, choose=lambda logits: next_token(logits, temperature=0),
-                      compile=compile, on_token=clock)
+    out = decode_loop(model, idx, new_tokens, cache, sampling=SamplingConfig(temperature=0), compile=compile,
+                      on_token=clock)
     total = stamps[-1] - start
     ttft = stamps[0] - start
     steps = [b - a for a, b in zip(stamps, stamps[1:])]

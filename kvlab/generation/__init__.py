@@ -3,7 +3,7 @@
 Shape legend: B batch, T prompt length, N new tokens, V vocab_size.
 
 Generation is a handful of small functions:
-    next_token       logits (B, V) -> token ids (B, 1) via `kvlab.sampling`
+    next_token       logits (B, V) -> token ids (B, 1) under a `kvlab.sampling.SamplingConfig`
     generate_naive   re-run the model over the whole sequence for every new token: O(N²)
                      work, no state, obviously correct — the reference
     prefill          run the prompt once, filling the cache; logits of the last position
@@ -11,14 +11,14 @@ Generation is a handful of small functions:
     decode_loop      prefill, then choose a token and decode a step until done: the one loop
                      behind `generate`, the streaming command line and the timing bench, each
                      watching the tokens through a per-token hook
-    generate         validate everything, then the loop (or the naive loop)
+    generate         validate everything (the sampling keywords become one SamplingConfig),
+                     then the loop (or the naive loop)
 Built in chapter 4; `generate(..., compile=True)` (chapter 5) runs the decode steps through the
 fixed-shape step of `kvlab.compiled`, compiled by `torch.compile`.
 """
 
 from __future__ import annotations
 
-import numbers
 import time
 
 import torch
@@ -28,19 +28,25 @@ from ..cache import KVCache
 from ..compiled import COMPILABLE_CACHE_KINDS, advance, compiled_decode_step, prepare_cache
 from ..device import synchronize
 from ..gpt import GPT
-from ..sampling import check_sampling_args, logits_to_probs, sample
+from ..sampling import SamplingConfig, resolve_sampling, sample
+from ..validation import check_bool, check_int, check_non_negative_int
 
 __all__ = ["next_token", "generate_naive", "prefill", "decode_step", "decode_loop", "generate"]
 
 
 def next_token(
-    logits: Tensor, *, temperature: float = 1.0, top_k=None, top_p=None, min_p=None,
-    generator: torch.Generator | None = None,
+    logits: Tensor, sampling: SamplingConfig | None = None, *, temperature: float = 1.0, top_k=None, top_p=None,
+    min_p=None, generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Choose the next token (B, 1) from last-position logits (B, V). temperature=0 is greedy."""
-    if temperature == 0:
+    """Choose the next token (B, 1) from last-position logits (B, V). temperature=0 is greedy.
+
+    The settings come as one `SamplingConfig` (what the loops pass) or as its keywords.
+    """
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=generator)
+    if sampling.greedy:
         return logits.argmax(dim=-1, keepdim=True)
-    return sample(logits_to_probs(logits, temperature, top_k, top_p, min_p), generator)
+    return sample(sampling.probs(logits), sampling.generator)
 
 
 @torch.inference_mode()
@@ -76,29 +82,16 @@ def decode_step(model: GPT, token: Tensor, cache: KVCache) -> Tensor:
     return model.forward_unchecked(token, cache, start, last_only=True)[:, -1]
 
 
-def check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator) -> None:
-    """The arguments every generation loop shares (`generate`, `speculative_generate`), checked
-    before any work: `max_new_tokens` an int >= 0, the sampling filters, a `torch.Generator` or None."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling_args(temperature, top_k, top_p, min_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-
-def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                         generator, eos_id, cache, compile=False) -> int:
-    """Every argument of `generate`, checked before any work. Returns the prompt length."""
+def check_generate_args(model, idx, max_new_tokens, use_cache, eos_id, cache, compile=False) -> int:
+    """Every argument of `generate` but the sampling settings (a `SamplingConfig` checks its own
+    when it is made), checked before any work. Returns the prompt length."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
     model.check_inputs(idx)  # type, shape, dtype, non-empty, ids in the vocabulary
-    check_length_and_sampling(max_new_tokens, temperature, top_k, top_p, min_p, generator)
+    check_non_negative_int("max_new_tokens", max_new_tokens)
     V = model.config.vocab_size
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
-                               or not 0 <= eos_id < V):
-        raise ValueError(f"eos_id must be None or an int in [0, {V - 1}], got {eos_id!r}")
+    check_int("eos_id", eos_id, low=0, high=V - 1, allow_none=True)
+    check_bool("use_cache", use_cache)
     if cache is not None:
         if not use_cache:
             raise ValueError("a cache was passed with use_cache=False; pass one or the other")
@@ -106,8 +99,7 @@ def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_
             raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
         if cache.batch_size != idx.size(0):
             raise ValueError(f"cache was made for batch_size={cache.batch_size}, the prompt has {idx.size(0)} rows")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    check_bool("compile", compile)
     if compile:
         if not use_cache:
             raise ValueError("compile=True compiles the cached decode step; it needs use_cache=True")
@@ -128,12 +120,12 @@ def check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_
 
 
 @torch.inference_mode()
-def decode_loop(model: GPT, idx: Tensor, max_new_tokens: int, cache: KVCache | None, *, choose,
+def decode_loop(model: GPT, idx: Tensor, max_new_tokens: int, cache: KVCache | None, *, sampling: SamplingConfig,
                 eos_id: int | None = None, compile: bool = False, on_token=None) -> Tensor:
     """Prefill `idx` (B, T), then choose a token and decode one step until `max_new_tokens`
     tokens, every row's `eos_id`, or `on_token` says stop; returns (B, T + new).
 
-    `choose(logits (B, V)) -> (B, 1)` picks each token. `on_token(n, token)` is called as soon as
+    `next_token(logits, sampling)` picks each token. `on_token(n, token)` is called as soon as
     token n (1, 2, ...) is chosen, so n=1 marks the time to first token: the timing bench
     synchronises and reads the clock there, the streaming command line prints, and a True answer
     ends generation. `cache=None` is the naive loop (the whole sequence recomputed every step);
@@ -156,7 +148,7 @@ def decode_loop(model: GPT, idx: Tensor, max_new_tokens: int, cache: KVCache | N
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
     n = 0
     for n in range(1, max_new_tokens + 1):
-        token = choose(logits)  # (B, 1)
+        token = next_token(logits, sampling)  # (B, 1)
         if finished is not None:  # a finished row repeats eos_id
             token = torch.where(finished[:, None], eos_id, token)
             finished |= token[:, 0] == eos_id
@@ -187,6 +179,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     generator: torch.Generator | None = None,
+    sampling: SamplingConfig | None = None,
     eos_id: int | None = None,
     cache: KVCache | None = None,
     stats: dict | None = None,
@@ -195,8 +188,10 @@ def generate(
     """Continue the prompts `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
 
     temperature=0 is greedy; top_k None/0, top_p None/1.0 and min_p None/0 switch those filters
-    off. With `eos_id`, a sequence that emits it is padded with it afterwards and generation
-    stops once every sequence has. `use_cache=False` runs the naive recompute-everything loop.
+    off; `generator` draws the random numbers. The same settings may come as one
+    `sampling=SamplingConfig(...)` instead (not both). With `eos_id`, a sequence that emits it is
+    padded with it afterwards and generation stops once every sequence has. `use_cache=False`
+    runs the naive recompute-everything loop.
     A `cache` you pass (e.g. `model.new_cache(B, kind="sliding", window=64)`) is reset first;
     by default `model.default_cache` makes one. Pass a dict as `stats` to have it filled with
     timings (prefill_s: the prompt's forward and the first token; decode_s, total_s,
@@ -206,14 +201,14 @@ def generate(
     model runs as it is (on a CPU, `kvlab.cpu_kernels.fast_cpu_inference` chooses its linear
     kernel). Built in chapter 4 (`compile` in chapter 5).
     """
-    T = check_generate_args(model, idx, max_new_tokens, use_cache, temperature, top_k, top_p, min_p,
-                            generator, eos_id, cache, compile)
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=generator)
+    T = check_generate_args(model, idx, max_new_tokens, use_cache, eos_id, cache, compile)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be None or a dict to fill, got {type(stats).__name__}")
     max_new_tokens = int(max_new_tokens)
     if use_cache and cache is None:
         cache = model.default_cache(idx.size(0), T + max_new_tokens)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     stamps: list[float] = []
 
     def clock(n: int, token) -> bool:  # the start, the first token (prefill done) and, later, the end
@@ -224,8 +219,7 @@ def generate(
 
     if stats is not None:
         clock(0, None)
-    out = decode_loop(model, idx, max_new_tokens, cache if use_cache else None,
-                      choose=lambda logits: next_token(logits, **settings),
+    out = decode_loop(model, idx, max_new_tokens, cache if use_cache else None, sampling=sampling,
                       eos_id=None if eos_id is None else int(eos_id), compile=compile,
                       on_token=clock if stats is not None else None)
     if stats is not None and max_new_tokens:

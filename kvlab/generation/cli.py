@@ -28,6 +28,7 @@ import torch
 from .._cli import Parser, non_negative_int, pick_device_or_exit, positive_int
 from ..cpu_kernels import fast_cpu_inference
 from ..models import MODEL_HELP, load_checkpoint_model, load_model
+from ..sampling import SamplingConfig, resolve_sampling
 
 __all__ = ["build_parser", "load", "load_checkpoint_model", "TextStream", "stream_generate", "read_prompt", "main"]
 
@@ -133,20 +134,23 @@ class TextStream:
 
 @torch.inference_mode()
 def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True,
-                    on_token=None, generator: torch.Generator | None = None, **sampling) -> tuple[torch.Tensor, dict]:
+                    on_token=None, sampling: SamplingConfig | None = None,
+                    **keywords) -> tuple[torch.Tensor, dict]:
     """`kvlab.generate`'s loop (same tokens for the same generator), calling `on_token(id)` per token.
 
-    When `on_token` returns True generation ends there (a stop text, an end-of-text token).
+    The sampling settings come as `sampling=SamplingConfig(...)` or as its keywords
+    (temperature, top_k, top_p, min_p, generator). When `on_token` returns True generation ends
+    there (a stop text, an end-of-text token).
     It is `kvlab.generation.decode_loop` with a hook that calls `on_token`. Returns the tokens
     (1, T + N) and timings: prefill_s (the prompt's forward pass and the first token), decode_s
     (every step after it, without the time spent in `on_token`), total_s, new_tokens. Built in
     chapter 7.
     """
     from ..device import synchronize
-    from . import check_generate_args, decode_loop, next_token
+    from . import check_generate_args, decode_loop
 
-    check_generate_args(model, idx, max_new_tokens, use_cache, sampling.get("temperature", 1.0),
-                        sampling.get("top_k"), sampling.get("top_p"), sampling.get("min_p"), generator, None, None)
+    sampling = resolve_sampling(sampling, **keywords)
+    check_generate_args(model, idx, max_new_tokens, use_cache, None, None)
     import time
 
     T = idx.size(1)
@@ -167,8 +171,7 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, use_cache:
 
     synchronize(device)
     start = time.perf_counter()
-    out = decode_loop(model, idx, max_new_tokens, cache, choose=lambda logits: next_token(logits, generator=generator,
-                                                                                         **sampling), on_token=watch)
+    out = decode_loop(model, idx, max_new_tokens, cache, sampling=sampling, on_token=watch)
     synchronize(device)
     end = time.perf_counter()
     prefilled = stamps[0] if stamps else end
@@ -249,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return stream.push(token_id)
 
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              generator=torch.Generator().manual_seed(args.seed))
     out, stats = stream_generate(model, torch.tensor([ids], device=device), n, use_cache=not args.no_cache,
-                                 on_token=on_token, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, min_p=args.min_p, generator=torch.Generator().manual_seed(args.seed))
+                                 on_token=on_token, sampling=sampling)
     stream.flush()
     print(buffer.getvalue() if buffer is not None else "")
     print()
