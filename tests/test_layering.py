@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvlab"
 # unless listed themselves, e.g. "bench.cli").
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("device", "files", "validation", "_cli")),
-    ("text", ("tokenizers", "data")),
+    ("text", ("tokenizers", "data", "data.batches", "data.seq2seq_toy")),
     ("model parts", ("attention", "cache", "quantized", "layers")),
     ("models", ("gpt", "seq2seq", "pretrained", "train")),
     ("generation", ("sampling", "compiled", "generation")),

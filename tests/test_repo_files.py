@@ -177,7 +177,7 @@ def test_setup_page_shows_the_install_cell():
 
 def test_pages_name_no_other_course_repository():
     url = set_repository.repository_url(ROOT)
-    for path in [*set_repository.text_files(ROOT), ROOT / "pyproject.toml", ROOT / "kvlab" / "data.py"]:
+    for path in [*set_repository.text_files(ROOT), ROOT / "pyproject.toml", ROOT / "kvlab" / "data" / "__init__.py"]:
         # A GitHub URL of a repository named like the course, other than the course's own: a
         # stale copy (after the course moved) that set_repository.py did not reach.
         found = re.findall(r"https://github\.com/[\w.-]+/[\w.-]*kvlab[\w.-]*", path.read_text(encoding="utf-8"))
