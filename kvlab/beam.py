@@ -29,8 +29,6 @@ query positions of one sequence (cross-attention has no causal mask). Built in c
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +38,7 @@ from torch import Tensor
 from .attention import merge_heads, split_heads, attend, repeat_kv
 from .cache import KVCache
 from .gpt import GPT
+from .validation import check_int, check_number
 
 if TYPE_CHECKING:
     from .data import Seq2SeqVocab
@@ -74,22 +73,10 @@ def _check_beam_args(model, idx, max_new_tokens, num_beams, length_penalty, eos_
 
     if not isinstance(model, (GPT, Seq2SeqTransformer)):
         raise TypeError(f"model must be a kvlab.GPT or a kvlab.Seq2SeqTransformer, got {type(model).__name__}")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral):
-        raise TypeError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real):
-        raise TypeError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
-    V = model.config.vocab_size
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
-                               or not 0 <= eos_id < V):
-        raise ValueError(f"eos_id must be None or an int in [0, {V - 1}], got {eos_id!r}")
+    check_int("num_beams", num_beams, low=1)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_number("length_penalty", length_penalty)
+    check_int("eos_id", eos_id, low=0, high=model.config.vocab_size - 1, allow_none=True)
 
 
 # -- the search, whatever the model ---------------------------------------------------------------

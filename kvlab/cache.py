@@ -27,12 +27,11 @@ Built in chapter 4.
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch import Tensor
 
-from .validation import check_positive_int
+from .validation import check_choice, check_int, check_non_negative_int, check_positive_int
 
 __all__ = [
     "CACHE_KINDS",
@@ -62,16 +61,13 @@ def kv_cache_bytes(
     """
     for name, value in [("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                         ("seq_len", seq_len), ("batch_size", batch_size)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        check_non_negative_int(name, value)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return n_layers * 2 * n_kv_heads * head_dim * seq_len * batch_size * itemsize
 
 
 def _check_length(layer, length) -> int:
-    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= layer.length:
-        raise ValueError(f"length must be an int in [0, cache length {layer.length}], got {length!r}")
-    return int(length)
+    return check_int("length", length, low=0, high=layer.length, allowed=f"an int in [0, cache length {layer.length}]")
 
 
 def _check_index(index) -> None:
@@ -325,8 +321,7 @@ class KVCache:
 
     def __init__(self, layers: list, kind: str, *, max_seq_len: int | None = None, window: int | None = None,
                  batch_size: int | None = None):
-        if kind not in CACHE_KINDS:
-            raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+        check_choice("kind", kind, CACHE_KINDS)
         self.layers = layers
         self.kind = kind
         self.max_seq_len = max_seq_len  # capacity of a static cache; None = unbounded
@@ -343,8 +338,7 @@ class KVCache:
 
         (Chapter 10's int8 caches are built by `kvlab.quantized.int8_cache`, or
         `model.new_cache(..., quantize="int8")`.)"""
-        if kind not in CACHE_KINDS:
-            raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+        check_choice("kind", kind, CACHE_KINDS)
         check_positive_int("batch_size", batch_size)
         if kind == "static":
             check_positive_int("max_seq_len", max_seq_len)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .validation import check_positive_int
+
 __all__ = ["onednn_linear_available", "OneDNNLinear", "fast_cpu_inference", "plain_linears", "measured_linears",
            "CHOICES_FILE", "KERNELS_ENV"]
 
@@ -262,8 +264,7 @@ def fast_cpu_inference(model, batch_size: int = 1, *, steps: int = 8, rounds: in
 
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     plain_linears(model)
     setting = _kernels_setting()
     reason = f"${KERNELS_ENV}=plain" if setting == "plain" else _why_not(model)

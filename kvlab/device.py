@@ -13,6 +13,8 @@ import random
 
 import torch
 
+from .validation import check_int
+
 __all__ = ["pick_device", "synchronize", "seed_everything", "describe_device", "cpu_model_name"]
 
 
@@ -66,8 +68,7 @@ def seed_everything(seed: int) -> torch.Generator:
     number stream; sampling with the returned CPU generator does give identical tokens on CPU,
     CUDA and MPS. Built in chapter 2.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int("seed", seed)
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA and MPS too
     try:

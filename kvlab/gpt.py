@@ -27,6 +27,7 @@ from .attention import attention_mask
 from .cache import KVCache
 from .layers import Block, SinusoidalPositions, make_norm, rope_cos_sin
 from .quantized import int8_cache
+from .validation import check_choice, check_positive_int
 
 __all__ = ["GPTConfig", "GPT", "PRESETS"]
 
@@ -38,9 +39,7 @@ def check_shape_fields(config, positions: tuple[str, ...]) -> None:
     `n_heads`, and `norm`, `mlp` and `pos` (one of `positions`) name known kinds.
     """
     for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, getattr(config, name))
     if config.d_model % config.n_heads:
         raise ValueError(f"d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
     if config.n_kv_heads is None:
@@ -48,8 +47,7 @@ def check_shape_fields(config, positions: tuple[str, ...]) -> None:
     if not 1 <= config.n_kv_heads <= config.n_heads or config.n_heads % config.n_kv_heads:
         raise ValueError(f"n_kv_heads={config.n_kv_heads} must divide n_heads={config.n_heads}")
     for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")), ("pos", positions)):
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+        check_choice(name, getattr(config, name), allowed)
 
 
 @dataclass
@@ -84,9 +82,7 @@ class GPTConfig:
                 self.d_ff = 4 * self.d_model
             else:
                 self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
-                                        or self.window < 1):
-            raise ValueError(f"window must be None or a positive int, got {self.window!r}")
+        check_positive_int("window", self.window, allow_none=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

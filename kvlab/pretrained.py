@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig
+from .validation import check_choice
 
 __all__ = ["GPT2_NAMES", "GPT2_DOWNLOAD", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
 
@@ -179,8 +180,7 @@ def load_gpt2(name: str = "gpt2", *, device: torch.device | str | None = None) -
     gpt2-large (774M, 3.3 GB), gpt2-xl (1.5B, 6.4 GB). Without a connection (and nothing cached),
     a FileNotFoundError says so. Built in chapter 3.
     """
-    if name not in GPT2_NAMES:
-        raise ValueError(f"name must be one of {GPT2_NAMES}, got {name!r}")
+    check_choice("name", name, GPT2_NAMES)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -32,6 +32,7 @@ from .cache import KVCache
 from .data import Seq2SeqVocab, seq2seq_batch
 from .gpt import check_shape_fields
 from .layers import Block, make_mlp, make_norm, sinusoidal_positions
+from .validation import check_int, check_non_negative_int, check_positive_int
 
 __all__ = [
     "Seq2SeqConfig",
@@ -75,8 +76,7 @@ class Seq2SeqConfig:
             raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in ids.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be an int in [0, {self.vocab_size - 1}], got {value!r}")
+            check_int(name, value, low=0, high=self.vocab_size - 1)
         if len(set(ids.values())) != 3:
             raise ValueError(f"pad_id, bos_id and eos_id must differ, got {ids}")
         if self.d_ff is None:
@@ -328,8 +328,7 @@ class Seq2SeqTransformer(nn.Module):
                 raise ValueError("the cache already holds the source's projected memory: "
                                  "pass memory or cache, not both")
         start = (0 if cache is None else cache.length) if input_pos is None else input_pos
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"input_pos must be an int >= 0, got {input_pos!r}")
+        start = check_non_negative_int("input_pos", start)
         if start + T > c.max_seq_len:
             raise ValueError(f"target positions {start}..{start + T - 1} exceed max_seq_len={c.max_seq_len}")
         if cache is not None:
@@ -417,10 +416,7 @@ def greedy_decode(
         raise TypeError(f"model must be a Seq2SeqTransformer, got {type(model).__name__}")
     c = model.config
     src_pad_mask = model._check_source(src, src_pad_mask)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = check_non_negative_int("max_new_tokens", max_new_tokens)
     if max_new_tokens > c.max_seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's max_seq_len={c.max_seq_len}")
     if cache_kind not in ("static", "dynamic"):
@@ -509,9 +505,8 @@ def train_toy(
     if not isinstance(model, Seq2SeqTransformer):
         raise TypeError(f"model must be a Seq2SeqTransformer, got {type(model).__name__}")
     _check_vocab(model, vocab)
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if not pairs:
         raise ValueError("pairs must hold at least one (source, target) pair")
     g = torch.Generator().manual_seed(seed)

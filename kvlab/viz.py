@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .validation import check_int
+
 __all__ = ["use_style", "attention_heatmap", "plot_bench", "kv_dashboard_frames", "animate_kv_dashboard"]
 
 STYLE = {
@@ -156,10 +158,8 @@ def kv_dashboard_frames(model, idx: torch.Tensor, steps: int, *, layer: int = 0,
 
     if kind != "static" and cache_len is not None:
         raise ValueError(f"cache_len is for kind='static' only, got kind={kind!r}")
-    if cache_len is not None and (isinstance(cache_len, bool) or not isinstance(cache_len, int)
-                                  or not idx.size(1) + steps <= cache_len <= model.config.max_seq_len):
-        raise ValueError(f"cache_len must be an int in [{idx.size(1) + steps}, {model.config.max_seq_len}] (the "
-                         f"prompt + steps, up to max_seq_len), got {cache_len!r}")
+    check_int("cache_len", cache_len, low=idx.size(1) + steps, high=model.config.max_seq_len, allow_none=True,
+              note="the prompt + steps, up to max_seq_len")
     cache = model.new_cache(1, kind=kind, window=window) if kind != "static" else \
         model.new_cache(1, max_seq_len=cache_len)
     frames = []

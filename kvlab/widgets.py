@@ -15,6 +15,7 @@ import torch
 
 from .generation import generate
 from .sampling import logits_to_probs
+from .validation import check_positive_int
 
 __all__ = ["SamplingExplorer"]
 
@@ -40,8 +41,7 @@ class SamplingExplorer:
 
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty str")
-        if isinstance(bars, bool) or not isinstance(bars, int) or bars < 1:
-            raise ValueError(f"bars must be a positive int, got {bars!r}")
+        check_positive_int("bars", bars)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model.device

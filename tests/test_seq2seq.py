@@ -287,7 +287,7 @@ def test_max_new_tokens_zero_and_one(model):
     (lambda: [[3, 4]], {}, TypeError, "src must be a torch.Tensor"),
     (lambda: torch.tensor([3, 4]), {}, ValueError, "src must have shape"),
     (lambda: torch.full((1, 41), 3), {}, ValueError, "max_seq_len"),
-    (lambda: torch.tensor([[3, 4]]), dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
+    (lambda: torch.tensor([[3, 4]]), dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
     (lambda: torch.tensor([[3, 4]]), dict(max_new_tokens=2.0), TypeError, "max_new_tokens"),
     (lambda: torch.tensor([[3, 4]]), dict(max_new_tokens=41), ValueError, "max_new_tokens=41"),
     (lambda: torch.tensor([[3, 4]]), dict(cache_kind="sliding"), ValueError, "cache_kind"),

@@ -255,11 +255,11 @@ def test_bpe_small_corpus_warns() -> None:
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [
-        ({"vocab_size": 255}, ValueError, r"vocab_size must be >= 256"),
+        ({"vocab_size": 255}, ValueError, r"vocab_size must be an int >= 256"),
         ({"vocab_size": 256, "endoftext": True}, ValueError, r">= 257"),
         ({"vocab_size": 512.0}, TypeError, "vocab_size must be an int"),
         ({"vocab_size": True}, TypeError, "vocab_size must be an int"),
-        ({"min_frequency": 0}, ValueError, "min_frequency must be >= 1"),
+        ({"min_frequency": 0}, ValueError, "min_frequency must be an int >= 1"),
         ({"min_frequency": 2.5}, TypeError, "min_frequency must be an int"),
     ],
 )

@@ -23,6 +23,7 @@ import torch
 
 from ..device import describe_device
 from ..gpt import GPT
+from ..validation import check_choice, check_positive_int
 from .timing import time_generation
 
 __all__ = ["DEFAULT_LENGTHS", "speedup_table", "speedup_markdown"]
@@ -63,10 +64,8 @@ def speedup_table(model, lengths: Sequence[int] = DEFAULT_LENGTHS, *, prompt_len
         raise TypeError(f"model must be a kvlab.GPT, got {type(model).__name__}")
     lengths = _check_lengths(lengths)
     for name, value in (("prompt_len", prompt_len), ("batch_size", batch_size), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if clock not in ("wall", "process"):
-        raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+        check_positive_int(name, value)
+    check_choice("clock", clock, ("wall", "process"))
     if clock == "process" and model.device.type != "cpu":
         raise ValueError(f"clock='process' measures CPU time; the model is on {model.device}: use clock='wall'")
     longest = prompt_len + max(lengths)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..data import get_batch
 from ..gpt import GPT
+from ..validation import check_positive_int
 from .checkpoints import export_model, load_checkpoint, read_checkpoint_header, save_checkpoint
 from .config import PRESET_TOKENIZERS, TRAIN_PRESETS, History, TrainConfig
 
@@ -170,8 +171,7 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
         if int(data.max()) >= model.config.vocab_size or int(data.min()) < 0:
             raise ValueError(f"{name} holds ids outside [0, {model.config.vocab_size - 1}] (the model's vocabulary)")
 
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
-        raise ValueError(f"stop_after must be None or a positive int, got {stop_after!r}")
+    check_positive_int("stop_after", stop_after, allow_none=True)
     if cfg.tensorboard:
         if out_dir is None:
             raise ValueError("cfg.tensorboard=True needs out_dir: the event files go to out_dir/tensorboard")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..validation import check_choice, check_non_negative_int, check_positive_int
+
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "PRESET_TOKENIZERS", "History"]
 
 
@@ -36,17 +38,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_non_negative_int(name, getattr(self, name))
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
 
