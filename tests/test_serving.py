@@ -438,3 +438,34 @@ def test_prefix_cache_under_a_tight_pool_with_preemption_equals_each_request_alo
     for rid, (prompt, n) in jobs.items():
         assert torch.equal(results[rid], alone(model, prompt, n, temperature=0)), rid
     assert engine.pool.num_free == 10 and engine.kv_bytes_reserved() == 0
+
+
+def test_the_packed_pass_gives_the_padded_pass_logits_and_packs_within_its_budget(model):
+    from kvlab.serving import forward_packed, forward_paged
+    from kvlab.serving.model_runner import ModelRunner
+    from kvlab.serving.scheduler import Request
+
+    c = model.config
+    BS = 4
+    prompts = [p.tolist() for p in prompts_of([7, 3, 10], seed=5)]
+    cached = [0, 2, 5]  # request 1 has 2 tokens cached, request 2 has 5: each feeds the rest
+    pool = kvlab.paged.BlockPool(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, num_blocks=12,
+                                 block_size=BS)
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    for b, (p, n) in enumerate(zip(prompts, cached)):  # the cached part, written by a padded pass of its own
+        if n:
+            forward_paged(model, torch.tensor([p[:n]]), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool),
+                          pool, tables[b: b + 1], n)
+    idx = torch.tensor([t for p, n in zip(prompts, cached) for t in p[n:]])
+    positions = torch.cat([torch.arange(n, len(p)) for p, n in zip(prompts, cached)])
+    seq = torch.cat([torch.full((len(p) - n,), b) for b, (p, n) in enumerate(zip(prompts, cached))])
+    with torch.inference_mode():
+        packed = forward_packed(model, idx, positions, seq, pool, tables, torch.tensor([len(p) for p in prompts]))
+        alone = torch.cat([model(torch.tensor([p]))[:, -1] for p in prompts])  # (3, V): each request on its own
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+
+    rows = [Request(id=i, prompt_len=len(p), max_new_tokens=1, sampling={}, eos_id=None, tokens=p)
+            for i, p in enumerate(prompts)]
+    runner = ModelRunner(model, pool, pack_budget=(7 + 3) * (7 + 3))
+    assert runner._packs(rows) == [[0, 1], [2]]  # a third request would pass tokens x keys = 10 x 10
+    assert ModelRunner(model, pool, pack_budget=1)._packs(rows) == [[0], [1], [2]]  # a row alone always goes
