@@ -192,6 +192,7 @@ class BlockPool:
     def gather(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of one layer at pool slots `slots` (B, S): each (B, Hkv, S, D), a copy."""
         L, NB, BS, Hkv, D = self.k.shape
-        k = self.k[layer].view(NB * BS, Hkv, D)[slots]  # (B, S, Hkv, D)
-        v = self.v[layer].view(NB * BS, Hkv, D)[slots]
+        flat = slots.reshape(-1)  # index_select copies whole rows: faster than indexing with a 2-D tensor
+        k = self.k[layer].view(NB * BS, Hkv, D).index_select(0, flat).view(*slots.shape, Hkv, D)  # (B, S, Hkv, D)
+        v = self.v[layer].view(NB * BS, Hkv, D).index_select(0, flat).view(*slots.shape, Hkv, D)
         return k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, D)

@@ -26,7 +26,7 @@ def test_transformers_continuous_batching_gives_kvlabs_greedy_tokens_in_prompt_o
 def test_every_way_gives_the_same_tokens_and_the_record_holds_the_targets(model):
     result = serving_vs_hf(model, _hf_twin(model, "float32"), n_requests=4, prompt_range=(4, 12), new_tokens=3,
                            batch_sizes=(2, 4), block_size=4, rounds=1, prefix_len=32, prefix_requests=4,
-                           progress=lambda _: None)
+                           hf_defaults=False, progress=lambda _: None)
     assert set(result["ways"]) == {"one_at_a_time", "engine_2", "hf_generate_batch_2", "engine_4",
                                    "hf_generate_batch_4", "static_batch"}
     assert all(w["tokens_equal_one_at_a_time"] == 1.0 for w in result["ways"].values())

@@ -464,7 +464,7 @@ def test_the_packed_pass_gives_the_padded_pass_logits_and_packs_within_its_budge
         alone = torch.cat([model(torch.tensor([p]))[:, -1] for p in prompts])  # (3, V): each request on its own
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
 
-    rows = [Request(id=i, prompt_len=len(p), max_new_tokens=1, sampling={}, eos_id=None, tokens=p)
+    rows = [Request(id=i, prompt_len=len(p), max_new_tokens=1, sampling=kvlab.SamplingConfig(), eos_id=None, tokens=p)
             for i, p in enumerate(prompts)]
     runner = ModelRunner(model, pool, pack_budget=(7 + 3) * (7 + 3))
     assert runner._packs(rows) == [[0, 1], [2]]  # a third request would pass tokens x keys = 10 x 10

@@ -34,19 +34,21 @@ from .serving import prefix_sharing_bytes, run_workload
 __all__ = ["hf_generate_batch", "serving_vs_hf"]
 
 
-def hf_generate_batch(hf_model, prompts: list[list[int]], new_tokens: int, max_batch_size: int) -> list[list[int]]:
+def hf_generate_batch(hf_model, prompts: list[list[int]], new_tokens: int,
+                      max_batch_size: int | None) -> list[list[int]]:
     """Greedy continuation of every prompt by transformers' continuous batching, in prompt order:
     each result is prompt + `new_tokens` tokens (end-of-text is not a stop: every request runs to
-    its length, as in the other ways). At most `max_batch_size` requests run at once, and its
-    paged cache is sized to the workload (left alone, it sizes the cache from the device's free
-    memory, which on a CPU means gigabytes allocated per call)."""
+    its length, as in the other ways). With `max_batch_size`, at most that many requests run at
+    once and its paged cache is sized to the workload; with None, it runs as
+    `model.generate_batch(inputs, generation_config)` is called, with its own defaults (which
+    size the cache from the device's free memory: on a CPU, gigabytes set up in every call)."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     page = 256  # transformers' default page size, in tokens
     per_request = -(-(max(len(p) for p in prompts) + new_tokens) // page)
-    batching = ContinuousBatchingConfig(page_size=page, num_blocks=2 * len(prompts) * per_request,
+    batching = None if max_batch_size is None else ContinuousBatchingConfig(page_size=page, num_blocks=2 * len(prompts) * per_request,
                                         max_batch_tokens=sum(len(p) for p in prompts) + len(prompts),
                                         max_requests_per_batch=max_batch_size)
     outputs = hf_model.generate_batch([list(p) for p in prompts], generation_config=config,
@@ -75,11 +77,13 @@ def _timed(fn):
 @torch.inference_mode()
 def serving_vs_hf(model: GPT, hf_model, *, n_requests: int = 32, prompt_range=(16, 64), new_tokens: int = 32,
                   batch_sizes=(16, 32), block_size: int = 16, rounds: int = 3, prefix_len: int = 256,
-                  prefix_requests: int = 16, seed: int = 0, progress=print) -> dict:
+                  prefix_requests: int = 16, hf_defaults: bool = True, seed: int = 0, progress=print) -> dict:
     """Tokens/s of the four ways above (median over `rounds` turns), their ratios, token equality,
     the engine's reserved ÷ used KV bytes, and a shared `prefix_len`-token prompt hit by
     `prefix_requests` requests (its bytes and their mean time to first token, shared against
-    not). `hf_model` holds `model`'s weights (e.g. via `kvlab.to_hf_gpt2_state_dict`)."""
+    not). `hf_model` holds `model`'s weights (e.g. via `kvlab.to_hf_gpt2_state_dict`).
+    `hf_defaults=False` leaves out transformers with its own defaults (slow to set up on a small
+    model: its cache is sized by memory, not by the model)."""
     workload = mixed_workload(n_requests, seed=seed, prompt_range=prompt_range, new_range=(new_tokens, new_tokens),
                               vocab_size=model.config.vocab_size)
     prompts = [p for p, _ in workload]
@@ -100,6 +104,8 @@ def serving_vs_hf(model: GPT, hf_model, *, n_requests: int = 32, prompt_range=(1
     for mb in batch_sizes:
         ways[f"engine_{mb}"] = lambda mb=mb: _engine(model, workload, mb, block_size, longest)
         ways[f"hf_generate_batch_{mb}"] = lambda mb=mb: hf_generate_batch(hf_model, prompts, new_tokens, mb)
+    if hf_defaults:
+        ways["hf_generate_batch_default"] = lambda: hf_generate_batch(hf_model, prompts, new_tokens, None)
     ways["static_batch"] = static_batch
 
     progress("warm-up: every way once on two short requests, and the CPU kernel choice of each batch size")
@@ -151,6 +157,8 @@ def serving_vs_hf(model: GPT, hf_model, *, n_requests: int = 32, prompt_range=(1
     out["targets"] = {
         **{f"engine_{mb}_over_hf_generate_batch_{mb}": ratio(f"engine_{mb}", f"hf_generate_batch_{mb}")
            for mb in batch_sizes},
+        **({f"engine_{small}_over_hf_generate_batch_default": ratio(f"engine_{small}", "hf_generate_batch_default")}
+           if hf_defaults else {}),
         f"engine_{small}_over_one_at_a_time": ratio(f"engine_{small}", "one_at_a_time"),
         f"engine_{large}_over_static_batch": ratio(f"engine_{large}", "static_batch"),
         f"engine_{small}_reserved_over_used": engine_runs[f"engine_{small}"]["reserved_over_used"],

@@ -26,7 +26,7 @@ from ..cpu_kernels import fast_cpu_inference
 from ..generation import next_token
 from ..gpt import GPT
 from ..paged import BlockPool
-from ..sampling import check_sampling_args
+from ..sampling import SamplingConfig
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, forward_paged
 from .scheduler import Request, Scheduler
@@ -85,6 +85,20 @@ def _check_eos(eos_id, vocab_size: int) -> int | None:
     return None if eos_id is None else int(eos_id)
 
 
+def choose_tokens(logits: Tensor, settings: list[SamplingConfig]) -> list[int]:
+    """The next token of each row of `logits` (B, V), row b chosen with `settings[b]`: one argmax
+    for the greedy rows together, then each sampling row with its own settings and generator."""
+    tokens = [0] * len(settings)
+    greedy = [b for b, s in enumerate(settings) if s.greedy]
+    if greedy:
+        for b, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            tokens[b] = t
+    for b, s in enumerate(settings):
+        if not s.greedy:
+            tokens[b] = int(next_token(logits[b: b + 1], s))
+    return tokens
+
+
 # -- ragged batches -----------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -109,9 +123,7 @@ def generate_batch(
     c = model.config
     rows = [_as_ids(p, f"prompts[{i}]", c.vocab_size) for i, p in enumerate(prompts)]
     max_new_tokens = _check_new_tokens(max_new_tokens)
-    check_sampling_args(temperature, top_k, top_p, min_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     eos_id = _check_eos(eos_id, c.vocab_size)
     longest = max(len(r) for r in rows) + max_new_tokens
     if longest > c.max_seq_len:
@@ -139,13 +151,12 @@ def generate_batch(
     positions = positions * valid  # pads sit at position 0: they see one real key and are ignored
     logits = forward_paged(model, idx, positions, valid, pool, tables, T)
 
-    choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     generated: list[list[int]] = [[] for _ in rows]
     active = list(range(B))
     for n in range(1, max_new_tokens + 1):
         still = []
         for j, b in enumerate(active):
-            token = int(next_token(logits[j: j + 1], **choose))
+            token = int(next_token(logits[j: j + 1], sampling))
             generated[b].append(token)
             if token != eos_id and n < max_new_tokens:
                 still.append(b)
@@ -248,7 +259,7 @@ class Engine:
             return []
         logits = self.runner.run(batch)  # (B, V): the paged forward, one pass per group
         self.blocks.computed()  # the prefix blocks filled in this pass may now be shared
-        tokens = [int(next_token(row[None], **r.sampling)) for r, row in zip(batch, logits)]
+        tokens = choose_tokens(logits, [r.sampling for r in batch])  # each request with its own settings
         finished = self.scheduler.postprocess(batch, tokens)  # append, retire, free blocks
         for r in finished:
             self._done[r.id] = torch.tensor(r.tokens, dtype=torch.long, device=self.model.device)
@@ -264,9 +275,10 @@ class Engine:
         c = self.model.config
         ids = _as_ids(prompt, "prompt", c.vocab_size)
         max_new_tokens = _check_new_tokens(max_new_tokens)
-        check_sampling_args(temperature, top_k, top_p, min_p)
         if seed is not None and not _is_int(seed):
             raise TypeError(f"seed must be None or an int, got {seed!r}")
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
         eos_id = _check_eos(eos_id, c.vocab_size)
         total = len(ids) + max_new_tokens
         if total > self.max_seq_len:
@@ -276,10 +288,7 @@ class Engine:
         if self.kv == "paged" and total - 1 > capacity:
             raise ValueError(f"prompt + max_new_tokens needs {total - 1} cached positions, more than the "
                              f"pool's {capacity} (num_blocks={self.pool.num_blocks} x block_size={self.block_size})")
-        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-        request = Request(id=self._next_id, prompt_len=len(ids), max_new_tokens=max_new_tokens,
-                          sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                        generator=generator),
+        request = Request(id=self._next_id, prompt_len=len(ids), max_new_tokens=max_new_tokens, sampling=sampling,
                           eos_id=eos_id, tokens=ids)
         self._next_id += 1
         if max_new_tokens == 0:  # nothing to compute

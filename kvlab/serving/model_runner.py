@@ -36,14 +36,18 @@ __all__ = ["PagedLayerCache", "forward_paged", "forward_packed", "ModelRunner"]
 class PagedLayerCache:
     """What one block's attention sees as its cache: writes go to pool slots, reads gather slots."""
 
-    def __init__(self, pool: BlockPool, layer: int, write_slots: Tensor, valid: Tensor, read_slots: Tensor):
+    def __init__(self, pool: BlockPool, layer: int, write_slots: Tensor, valid: Tensor | None, read_slots: Tensor):
         self.pool, self.layer = pool, layer
-        self.write_slots, self.valid, self.read_slots = write_slots, valid, read_slots
+        self.write_slots, self.valid, self.read_slots = write_slots, valid, read_slots  # valid None: no padding
 
     def update(self, k: Tensor, v: Tensor, input_pos=None) -> tuple[Tensor, Tensor]:
         """k, v (B, Hkv, T, D) of the fed tokens -> every row's keys and values (B, Hkv, S, D)."""
-        valid = self.valid
-        self.pool.write(self.layer, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid], self.write_slots)  # (N, Hkv, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, Hkv, D)
+        if self.valid is None:
+            k, v = k.flatten(0, 1), v.flatten(0, 1)  # (N, Hkv, D): every token is real
+        else:
+            k, v = k[self.valid], v[self.valid]  # (N, Hkv, D): the pads left out
+        self.pool.write(self.layer, k, v, self.write_slots)
         return self.pool.gather(self.layer, self.read_slots)
 
 
@@ -60,8 +64,9 @@ def _through_blocks(model: GPT, idx: Tensor, positions: Tensor, mask: Tensor, po
     if c.pos == "rope":
         cos, sin = rope_cos_sin(positions.reshape(-1), c.head_dim, c.rope_base)  # (B·T, D)
         rope = tuple(t.view(B, 1, T, c.head_dim).to(x.dtype) for t in (cos, sin))  # broadcast over heads
+    keep = None if bool(valid.all()) else valid  # no padding: the layers skip the masked select
     for i, block in enumerate(model.blocks):
-        x = block(x, mask=mask, is_causal=False, rope=rope, cache=PagedLayerCache(pool, i, write_slots, valid, read_slots))
+        x = block(x, mask=mask, is_causal=False, rope=rope, cache=PagedLayerCache(pool, i, write_slots, keep, read_slots))
     return x
 
 

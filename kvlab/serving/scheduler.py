@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..sampling import SamplingConfig
 from .block_manager import BlockManager
 
 __all__ = ["Request", "Scheduler"]
@@ -28,7 +29,7 @@ class Request:
     id: int
     prompt_len: int
     max_new_tokens: int
-    sampling: dict  # temperature, top_k, top_p, min_p, generator
+    sampling: SamplingConfig  # temperature, top_k, top_p, min_p and the request's own generator
     eos_id: int | None
     tokens: list[int]
     n_cached: int = 0
