@@ -1,6 +1,8 @@
 """kvlab: transformers and the KV cache, built from scratch and run for real.
 
-The library behind the course's chapters; each module names the chapter that builds it.
+The library behind the course's chapters; each module names the chapter that builds it. The
+course's own code (exercise checks, bug zoo, widgets, student tools) is `kvlab.course`, loaded
+only when a chapter asks for it (`from kvlab import checks`).
 """
 
 from ._cli import refuse_non_command
@@ -31,9 +33,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     # modules
-    "attention", "beam", "bench", "cache", "checks", "cpu_kernels", "data", "device", "generation", "gpt", "layers",
-    "pretrained", "quantized", "sampling", "seq2seq", "speculative", "student", "tokenizers", "train", "viz",
-    "bugzoo", "widgets",
+    "attention", "beam", "bench", "cache", "cpu_kernels", "data", "device", "generation", "gpt", "layers",
+    "pretrained", "quantized", "sampling", "seq2seq", "speculative", "tokenizers", "train", "viz",
+    # the course's code (kvlab.course), by the names the chapters use
+    "checks", "bugzoo", "widgets",
     # chapter 2
     "CrossAttention", "SelfAttention", "attention_mask", "attention_reference", "causal_mask",
     # chapter 3
@@ -48,16 +51,17 @@ __all__ = [
     "generate_batch", "beam_search", "speculative_generate",
 ]
 
-# Load on first use (`kvlab.checks`, `from kvlab import checks`): the course's own code (exercise
-# checks, bug zoo, widgets, student tools) and the measurement wing are not part of the library a
-# script imports; and a module that is also a command (`python -m kvlab.train`) must not be
-# imported before `python -m` runs it.
-_LAZY = ("bench", "bugzoo", "checks", "student", "train", "widgets")
+# Load on first use (`kvlab.bench`, `from kvlab import checks`): the measurement wing is not part of
+# the library a script imports; a module that is also a command (`python -m kvlab.train`) must not
+# be imported before `python -m` runs it; and the course's own code lives in `kvlab.course`
+# (exercise checks, bug zoo, widgets, student tools), which the chapters reach by its short names.
+_LAZY = {"bench": ".bench", "course": ".course", "student": ".student", "train": ".train",
+         "bugzoo": ".course.bugzoo", "checks": ".course.checks", "widgets": ".course.widgets"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_LAZY[name], __name__)
     raise AttributeError(f"module 'kvlab' has no attribute {name!r}")

@@ -196,7 +196,8 @@ COMMANDS = {
     "student": "build the student edition of the notebooks, grade submissions",
 }
 # The module holding a command's `main`, where it is not `kvlab.<command>` itself.
-CLI_MODULES = {"generate": "kvlab.generation.cli", "train": "kvlab.train.cli", "bench": "kvlab.bench.cli"}
+CLI_MODULES = {"generate": "kvlab.generation.cli", "train": "kvlab.train.cli", "bench": "kvlab.bench.cli",
+               "student": "kvlab.course.student"}
 # Where people look for a command that lives elsewhere.
 _HINTS = {"viz": "dashboard", "plot": "dashboard", "kv_dashboard": "dashboard", "benchmark": "bench",
           "speedup": "bench", "serving_bench": "bench", "serving": "bench", "bench_cli": "bench",

@@ -7,7 +7,7 @@ On top of "no cell raises", this plugin fails the run when:
 - a solution cell (tag `solution`) did not print its own check's pass line;
 - after the last cell, the learner checks, run once more in the same kernel, do not all say
   "not done": some cell rebound a learner's name on the way.
-The exercise convention is described in book/instructors.md and kvlab/student.py.
+The exercise convention is described in book/instructors.md and kvlab/course/student.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import defaultdict
 import nbformat
 import pytest
 
-from kvlab.checks import is_not_done_line
+from kvlab.course.checks import is_not_done_line
 
 PASS_LINE = "all checks passed"
 AUDIT_NAME = "learner checks, run again after the last cell"

@@ -51,7 +51,7 @@ def prompt():
 def assert_not_done(capsys):
     """`assert_not_done(lambda: checks.check_x(stub))`: the check printed its "✗ ... not done yet"
     line for an unattempted exercise, returned None and did not raise or report a pass."""
-    from kvlab.checks import is_not_done_line
+    from kvlab.course.checks import is_not_done_line
 
     def check(call):
         capsys.readouterr()

@@ -9,7 +9,7 @@ import torch
 
 import kvlab
 from kvlab.beam import search, beam_search, beam_step_seq2seq, reorder_cache
-from kvlab.checks._common import small_model
+from kvlab.course.checks._common import small_model
 from kvlab.seq2seq import CrossAttentionCache, Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
 
 transformers = pytest.importorskip("transformers")

@@ -1,8 +1,8 @@
 """The bug zoo and its checks: each specimen fails exactly the checks named for its bug, kvlab's own
 caches and the fixed specimens pass every check that applies, and a stub fails every check.
 
-Which checks each specimen fails is recorded in `kvlab.bugzoo._BUGS[...].fails`, its own check
-first. Four specimens fail exactly one check. CacheB (keys and values swapped) also fails
+Which checks each specimen fails is recorded in `kvlab.course.bugzoo._BUGS[...].fails`, its own
+check first. Four specimens fail exactly one check. CacheB (keys and values swapped) also fails
 check_decode_positions and check_chunked_prefill_mask: every attention through it is wrong,
 from the prefill on. It passes check_reset_between_prompts, which compares a reused cache
 with a new cache of the same class and so blames reset() only.
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import kvlab
-from kvlab import bugzoo
+from kvlab.course import bugzoo
 from kvlab.cache import DynamicLayerCache, SlidingWindowLayerCache, StaticLayerCache
-from kvlab.checks import bugzoo as checks
-from kvlab.checks._common import ExerciseNotDone, is_not_done_line
+from kvlab.course.checks import bugzoo as checks
+from kvlab.course.checks._common import ExerciseNotDone, is_not_done_line
 
 CHECKS = [checks.check_keys_values, checks.check_decode_positions, checks.check_chunked_prefill_mask,
           checks.check_reset_between_prompts, checks.check_window_eviction]

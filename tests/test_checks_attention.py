@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvlab.attention import SelfAttention
-from kvlab.checks.attention import (check_alibi_bias, check_entropy_ratio, check_multi_head_attention, check_pool_kv,
-                                    mean_entropy, pool_kv_reference)
+from kvlab.course.checks.attention import (check_alibi_bias, check_entropy_ratio, check_multi_head_attention,
+                                           check_pool_kv, mean_entropy, pool_kv_reference)
 
 
 def stub(*args, **kwargs):

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kvlab.checks.beyond import (ROUND_K, ROUND_P, ROUND_Q, acceptance_rate_k, check_accept_sampled,
-                                 check_acceptance_rate, check_greedy_round, check_int8_bytes_per_token,
-                                 check_int8_parting, check_int8_quantizer, check_reorder_cache,
-                                 check_tokens_per_round, draws_needed, int8_parting, tokens_per_round_simulated)
+from kvlab.course.checks.beyond import (ROUND_K, ROUND_P, ROUND_Q, acceptance_rate_k, check_accept_sampled,
+                                        check_acceptance_rate, check_greedy_round, check_int8_bytes_per_token,
+                                        check_int8_parting, check_int8_quantizer, check_reorder_cache,
+                                        check_tokens_per_round, draws_needed, int8_parting, tokens_per_round_simulated)
 
 
 def stub(*args, **kwargs):
@@ -334,7 +334,7 @@ def test_quantizer_check_passes_the_solution(capsys):
 
 
 def test_quantizer_solution_is_the_library_scheme():
-    from kvlab.checks.beyond import _quant_test_tensor
+    from kvlab.course.checks.beyond import _quant_test_tensor
     from kvlab.quantized import dequantize_int8, quantize_int8
 
     x = _quant_test_tensor()

@@ -5,8 +5,8 @@ import functools
 import pytest
 import torch
 
-from kvlab.checks import kv_cache as checks
-from kvlab.checks._common import ExerciseNotDone, is_not_done_line
+from kvlab.course.checks import kv_cache as checks
+from kvlab.course.checks._common import ExerciseNotDone, is_not_done_line
 
 
 def assert_not_done(capsys, name):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.checks import measuring as checks
+from kvlab.course.checks import measuring as checks
 
 
 # -- my_time_steps ----------------------------------------------------------------------------

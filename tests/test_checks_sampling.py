@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kvlab.checks import sampling
-from kvlab.checks.sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,
-                                    check_temperature_for_half, check_top_p_filter)
+from kvlab.course.checks import sampling
+from kvlab.course.checks.sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_repetition_penalty,
+                                          check_temperature_for_half, check_top_p_filter)
 
 
 def stub(*args, **kwargs):

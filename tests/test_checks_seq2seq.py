@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.checks._common import ExerciseNotDone, is_not_done_line
-from kvlab.checks.seq2seq import (
+from kvlab.course.checks._common import ExerciseNotDone, is_not_done_line
+from kvlab.course.checks.seq2seq import (
     _BUILD_CASES,
     _DECODE_CASES,
     _decode_case,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvlab import paged
-from kvlab.checks import (check_block_manager, check_block_size_waste, check_left_pad, check_paged_attention,
-                          check_paged_write, check_prefilled_tokens, check_prefix_cache, check_schedule)
-from kvlab.checks._common import NOT_DONE_MARK
-from kvlab.checks.serving import REFUSAL, reserved_over_used
+from kvlab.course.checks import (check_block_manager, check_block_size_waste, check_left_pad, check_paged_attention,
+                                 check_paged_write, check_prefilled_tokens, check_prefix_cache, check_schedule)
+from kvlab.course.checks._common import NOT_DONE_MARK
+from kvlab.course.checks.serving import REFUSAL, reserved_over_used
 from kvlab.serving import block_manager
 from kvlab.serving.scheduler import Scheduler
 
@@ -411,7 +411,7 @@ def test_schedule_catches_mistakes(wrong, match):
 
 def test_schedule_check_workload_preempts():
     """The check's workload must reach the preemption path (with kvlab's own scheduler)."""
-    from kvlab.checks._common import small_model
+    from kvlab.course.checks._common import small_model
     from kvlab.serving import Engine
 
     engine = Engine(small_model("gpt2", seed=1), max_batch_size=3, block_size=4, num_blocks=8, max_seq_len=28,

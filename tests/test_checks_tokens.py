@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.checks.tokens import (check_bpe_encode, check_domain_ratio, check_nats_per_char, check_stream_decode,
-                                 other_text)
+from kvlab.course.checks.tokens import (check_bpe_encode, check_domain_ratio, check_nats_per_char, check_stream_decode,
+                                        other_text)
 from kvlab.data import load_shakespeare_text, train_val_split
 
 

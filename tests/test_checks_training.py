@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from kvlab.checks import training
-from kvlab.checks.training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at
+from kvlab.course.checks import training
+from kvlab.course.checks.training import check_accum_weights, check_dropout_gap, check_init_loss_per_char, check_lr_at
 
 
 def stub(*args, **kwargs):
@@ -17,7 +17,7 @@ def stub(*args, **kwargs):
 
 def test_importing_the_checks_leaves_kvlab_train_lazy():
     # `python -m kvlab.train` must not find kvlab.train already imported by the package.
-    code = "import kvlab.checks.training, sys; assert 'kvlab.train' not in sys.modules"
+    code = "import kvlab.course.checks.training, sys; assert 'kvlab.train' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

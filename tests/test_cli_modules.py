@@ -31,7 +31,8 @@ def run(*args, stdin=None, env=None, timeout=120):
 def test_the_walk_finds_the_commands_and_the_library():
     names = all_modules()
     assert {f"kvlab.{c}" for c in COMMANDS} <= set(names)
-    assert {"kvlab.viz", "kvlab.seq2seq", "kvlab.checks", "kvlab.checks.gpt", "kvlab.generation.cli", "kvlab.bench.__main__"} <= set(names)
+    assert {"kvlab.viz", "kvlab.seq2seq", "kvlab.course", "kvlab.course.checks", "kvlab.course.checks.gpt",
+            "kvlab.student", "kvlab.generation.cli", "kvlab.bench.__main__"} <= set(names)
 
 
 @pytest.mark.parametrize("module", all_modules())

@@ -12,10 +12,10 @@ import torch
 
 import kvlab
 from kvlab import checks
-from kvlab.checks import _common
-from kvlab.checks import attention as attention_checks
-from kvlab.checks import beyond as beyond_checks
-from kvlab.checks import tokens as token_checks
+from kvlab.course.checks import _common
+from kvlab.course.checks import attention as attention_checks
+from kvlab.course.checks import beyond as beyond_checks
+from kvlab.course.checks import tokens as token_checks
 from kvlab.train import TrainConfig, lr_at
 
 

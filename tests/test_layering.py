@@ -25,11 +25,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("gpt", "seq2seq", "pretrained", "train")),
     ("generation", ("sampling", "compiled", "generation")),
     ("beyond one token", ("beam", "speculative", "paged", "serving", "cpu_kernels", "models")),
-    ("measurement", ("bench",)),
-    ("course", ("checks", "bugzoo", "widgets", "student", "viz")),
+    ("measurement", ("bench", "viz")),
     ("command lines", ("generate", "generation.cli", "train.cli", "train.__main__", "bench.cli", "bench.__main__",
                        "dashboard", "__main__")),
-    ("the package", ("",)),  # kvlab/__init__.py: re-exports the public API
+    # The course's own code (checks, bug zoo, widgets, student tools), on top of the library: nothing
+    # in the library imports it. kvlab/student.py is only the command's name for course.student.
+    ("course", ("course", "student")),
+    ("the package", ("",)),  # kvlab/__init__.py: re-exports the public API; course code only on first use
 ]
 
 
@@ -151,6 +153,31 @@ def test_lower_layers_never_import_higher_ones():
     assert not wrong, "\n".join(sorted(wrong))
 
 
+def test_nothing_in_the_library_imports_the_course():
+    # kvlab/__init__.py counts as library: its lazy attributes name the course modules as strings only.
+    course = {name for name in module_files() if LAYERS[layer_of(name)][0] == "course"}
+    assert {"course", "course.checks", "course.checks.gpt", "course.bugzoo", "course.widgets", "course.student",
+            "student"} <= course
+    wrong = sorted(f"kvlab.{name or '__init__'} imports kvlab.{target}" for name, targets in imports().items()
+                   if name not in course for target in targets if target in course)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_importing_kvlab_loads_no_course_code_and_the_short_names_still_work():
+    # The chapters write `from kvlab import checks` (bugzoo, widgets): kvlab's lazy attributes
+    # load kvlab.course's module then, and not before.
+    import subprocess
+    import sys
+
+    code = ("import sys, kvlab; assert not [m for m in sys.modules if m.startswith('kvlab.course')], 'loaded early'\n"
+            "from kvlab import bugzoo, checks, widgets\n"
+            "import kvlab.course.bugzoo, kvlab.course.checks, kvlab.course.widgets\n"
+            "assert checks is kvlab.course.checks and kvlab.checks is checks\n"
+            "assert bugzoo is kvlab.course.bugzoo and widgets is kvlab.course.widgets\n"
+            "assert kvlab.checks.check_alibi_bias is kvlab.course.checks.attention.check_alibi_bias\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_cache_imports_nothing_above_it():
     # Chapter 4's cache stands on the foundations alone: not even its own layer's int8 caches.
     assert all(layer_of(t) < layer_of("cache") for t in imports()["cache"]), imports()["cache"]
@@ -206,7 +233,7 @@ def test_no_module_is_hidden_behind_a_function_of_the_same_name():
 
 def test_no_private_name_is_imported_from_another_module():
     # `from .x import _y` makes _y part of x's interface in all but name. Private modules
-    # (kvlab._cli, kvlab.checks._common) may be imported; private names from them may not.
+    # (kvlab._cli, kvlab.course.checks._common) may be imported; private names from them may not.
     modules = module_files()
     module_names = {m.rsplit(".", 1)[-1] for m in modules}
     wrong = []

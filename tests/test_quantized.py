@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import kvlab
 from kvlab.cache import SlidingWindowLayerCache, StaticLayerCache
-from kvlab.checks._common import small_model
+from kvlab.course.checks._common import small_model
 from kvlab.quantized import (Int8SlidingWindowLayerCache, Int8StaticLayerCache, dequantize_int8, group_size,
                              quantize_int8)
 

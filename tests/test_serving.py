@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.checks._common import small_model
+from kvlab.course.checks._common import small_model
 from kvlab.paged import BlockPool, gather_kv, slot_mapping
 from kvlab.serving import Engine, generate_batch, mixed_workload
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.checks._common import small_model
+from kvlab.course.checks._common import small_model
 from kvlab.sampling import logits_to_probs
 from kvlab.speculative import NGramDraft, rollback_cache, save_ring, speculative_generate
 

@@ -12,16 +12,16 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from kvlab.checks import is_not_done_line
-from kvlab.student import (build_student_edition, exercises_in, grade_notebook,
-                           is_solution_cell, student_notebook)
+from kvlab.course.checks import is_not_done_line
+from kvlab.course.student import (build_student_edition, exercises_in, grade_notebook,
+                                  is_solution_cell, student_notebook)
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 CHECKS_CELL = '''\
-from kvlab.checks import learner_check, passed
-from kvlab.checks._common import call_learner
+from kvlab.course.checks import learner_check, passed
+from kvlab.course.checks._common import call_learner
 
 
 @learner_check

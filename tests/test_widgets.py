@@ -7,7 +7,7 @@ import kvlab
 from conftest import make_model
 
 pytest.importorskip("ipywidgets")
-from kvlab.widgets import SamplingExplorer  # noqa: E402
+from kvlab.course.widgets import SamplingExplorer  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,:;!?'\n-0123456789()[]{}<>/\\|@#$%^&*+=~`\"_"
 
@@ -88,7 +88,7 @@ def test_layout_shows_every_value_and_the_whole_button_label(explorer):
     """The book's column is narrow: nothing may be squeezed until a slider's value or the button's
     label disappears (they once read "Ge…" with no values). The browser test measures the rendered
     widget; this checks the layout settings that make it fit, in any front end."""
-    from kvlab.widgets import BUTTON_MIN_WIDTH, CONTROLS_WIDTH, DESCRIPTION_WIDTH
+    from kvlab.course.widgets import BUTTON_MIN_WIDTH, CONTROLS_WIDTH, DESCRIPTION_WIDTH
 
     sliders = [explorer.temperature, explorer.top_k, explorer.top_p, explorer.min_p, explorer.max_new_tokens]
     longest = max(len(s.description) for s in sliders)

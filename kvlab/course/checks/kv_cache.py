@@ -13,11 +13,11 @@ import numbers
 
 import torch
 
-from ..attention import SelfAttention, apply_rope, attention_mask, attention_reference
-from ..cache import DynamicLayerCache, KVCache, kv_cache_bytes
-from ..generation import decode_step, generate
-from ..gpt import GPT, GPTConfig
-from ..layers import Block, rope_cos_sin
+from ...attention import SelfAttention, apply_rope, attention_mask, attention_reference
+from ...cache import DynamicLayerCache, KVCache, kv_cache_bytes
+from ...generation import decode_step, generate
+from ...gpt import GPT, GPTConfig
+from ...layers import Block, rope_cos_sin
 from ._common import (MODEL_STYLES, ExerciseNotDone, call_learner, close, learner_check, methods_of, passed,
                       require_answer, small_model as _model)
 

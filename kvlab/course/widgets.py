@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .generation import generate
-from .sampling import logits_to_probs
-from .validation import check_positive_int
+from ..generation import generate
+from ..sampling import logits_to_probs
+from ..validation import check_positive_int
 
 __all__ = ["SamplingExplorer"]
 

@@ -89,7 +89,7 @@ _REFUSALS: list[str] = []  # the message of each `without_kvlab` block now open,
 def _refuse(*args, **kwargs):
     # Swapped in as the __code__ of a switched-off function: it runs with that function's module
     # globals, so it imports what it needs instead of naming it.
-    from kvlab.checks._common import _REFUSALS, DelegationRefused
+    from kvlab.course.checks._common import _REFUSALS, DelegationRefused
     raise DelegationRefused(_REFUSALS[-1])
 
 
@@ -170,7 +170,7 @@ MODEL_STYLES = {
 def small_model(style: str, seed: int = 0, **overrides):
     """A small random GPT whose weight matrices are scaled ×4, so greedy decoding varies and a
     cache bug changes the tokens. Built without touching the learner's random stream."""
-    from ..gpt import GPT, GPTConfig
+    from ...gpt import GPT, GPTConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from .. import cache as _cache_module
-from .. import quantized as _quantized_module
-from .. import speculative as _speculative_module
-from ..beam import reorder_cache
+from ... import cache as _cache_module
+from ... import quantized as _quantized_module
+from ... import speculative as _speculative_module
+from ...beam import reorder_cache
 from ._common import call_learner, close, learner_check, methods_of, passed, require_answer, small_model
 
 __all__ = ["check_reorder_cache", "check_greedy_round", "check_accept_sampled", "check_int8_quantizer",
@@ -54,7 +54,7 @@ _REORDER_OFF = ("cache reordering", [reorder_cache, *methods_of(*_LAYER_CACHES, 
 @learner_check
 def check_reorder_cache(fn: Callable) -> None:
     """`fn(cache, index)` makes row i of every layer of a static `KVCache` hold row index[i]."""
-    from ..beam import beam_search, search
+    from ...beam import beam_search, search
 
     for style, B, index in [("gpt2", 3, [2, 0, 1]), ("modern", 4, [0, 0, 3, 1]), ("gpt2", 2, [1, 1])]:
         model = small_model(style, seed=B)
@@ -117,8 +117,8 @@ def check_reorder_cache(fn: Callable) -> None:
 
 def acceptance_rate_k(k: int) -> dict:
     """The experiment of `check_acceptance_rate`, run with `k` guesses a round; returns the stats."""
-    from ..pretrained import load_shakespeare
-    from ..speculative import NGramDraft, speculative_generate
+    from ...pretrained import load_shakespeare
+    from ...speculative import NGramDraft, speculative_generate
 
     model, tok = load_shakespeare()
     idx = torch.tensor([tok.encode(ACCEPTANCE_SETUP["prompt"])])
@@ -155,7 +155,7 @@ def check_acceptance_rate(answer) -> None:
 @learner_check
 def check_int8_bytes_per_token(answer) -> None:
     """`answer`: bytes per token of one sequence's int8 cache for GPT-2 small (12 layers, 12 heads of 64)."""
-    from ..gpt import GPT, GPTConfig
+    from ...gpt import GPT, GPTConfig
 
     value = require_answer(answer, "my_int8_bytes_per_token")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -245,9 +245,9 @@ def check_greedy_round(fn: Callable) -> None:
     the guesses in one forward, returns the kept guesses plus the target's own next token, and
     leaves the cache holding every token but the newest again (rolled back with `cache.crop`).
     """
-    from ..generation import generate
-    from ..pretrained import load_shakespeare
-    from ..speculative import NGramDraft, load_shakespeare_draft
+    from ...generation import generate
+    from ...pretrained import load_shakespeare
+    from ...speculative import NGramDraft, load_shakespeare_draft
 
     model, tok = load_shakespeare()
     prompt = tok.encode(ROUND_SETUP["prompt"])
@@ -614,8 +614,8 @@ PARTING_SETUP = dict(prompt="GLOUCESTER:\n", new_tokens=160)
 def int8_parting() -> dict:
     """The experiment of `check_int8_parting`: the first generated position where the int8 cache's
     greedy text differs from the float32 cache's (None if they never do), with both texts."""
-    from ..generation import generate
-    from ..pretrained import load_shakespeare
+    from ...generation import generate
+    from ...pretrained import load_shakespeare
 
     model, tok = load_shakespeare()
     idx = torch.tensor([tok.encode(PARTING_SETUP["prompt"])])

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..attention import apply_rope, attention_reference, causal_mask
-from ..gpt import GPT, GPTConfig
-from ..layers import rope_cos_sin
+from ...attention import apply_rope, attention_reference, causal_mask
+from ...gpt import GPT, GPTConfig
+from ...layers import rope_cos_sin
 from ._common import call_learner, close, learner_check, passed, require_answer
 
 __all__ = [
@@ -274,7 +274,7 @@ def pool_model_kv(model: GPT, n_kv_heads: int, *, consecutive: bool = True) -> G
 
 def gqa_eval_ids(tokenizer) -> Tensor:
     """The ids the experiment evaluates on: the start of the validation split, GQA_EVAL_WINDOWS windows."""
-    from ..data import load_shakespeare_text, train_val_split
+    from ...data import load_shakespeare_text, train_val_split
 
     _, val_text = train_val_split(load_shakespeare_text())
     return torch.tensor(tokenizer.encode(val_text[: GQA_EVAL_WINDOWS * 128 + 1]), dtype=torch.long)
@@ -289,8 +289,8 @@ def check_gqa_cost(answer: float) -> None:
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
         raise AssertionError(f"my_gqa_cost should be a number (nats per character), got {type(answer).__name__}")
-    from ..pretrained import load_shakespeare
-    from ..train import evaluate_split
+    from ...pretrained import load_shakespeare
+    from ...train import evaluate_split
 
     model, tokenizer = load_shakespeare()
     ids = gqa_eval_ids(tokenizer)

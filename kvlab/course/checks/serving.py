@@ -32,8 +32,8 @@ REFUSAL = "this check runs your code without kvlab's own serving pieces: build i
 
 # What each check switches off while the learner's code runs: (module or class, attribute names).
 def _pieces(group: str):
-    from .. import paged
-    from ..serving import block_manager, scheduler
+    from ... import paged
+    from ...serving import block_manager, scheduler
 
     return {
         "blocks": [(paged.BlockPool, ("allocate", "take", "hold", "release")),
@@ -355,7 +355,7 @@ def check_paged_attention(fn) -> None:
 # -- build step: the scheduler's step -----------------------------------------------------------
 
 def _alone(model, prompt, n):
-    from ..generation import generate
+    from ...generation import generate
 
     return generate(model, torch.tensor([prompt]), n, temperature=0)[0]
 
@@ -413,7 +413,7 @@ def _observed_schedule(fn, s):
 @learner_check
 def check_schedule(fn) -> None:
     """`fn(s)`: one scheduler step on `s` (a kvlab.serving.Scheduler): make room, preempt, admit; return the batch."""
-    from ..serving import Engine
+    from ...serving import Engine
 
     model = small_model("gpt2", seed=1)
     for seed, (num_blocks, max_batch) in enumerate([(8, 3), (12, 2)]):
@@ -451,8 +451,8 @@ def check_schedule(fn) -> None:
 def check_prefix_cache(hash_fn, match_fn) -> None:
     """`hash_fn(tokens, block_size) -> keys of the full blocks`, `match_fn(keys, cached) -> blocks of the longest
     cached run from the first key`; then both inside a real engine."""
-    from ..generation import generate
-    from ..serving import Engine
+    from ...generation import generate
+    from ...serving import Engine
 
     bs = 4
     a, b, c, x = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]
@@ -585,8 +585,8 @@ def reserved_over_used(block_size: int, *, model=None, kv: str = "paged") -> flo
     """Reserved over used KV bytes (summed over engine steps) for `WASTE_WORKLOAD`, greedy, no eos.
 
     The ratio depends only on the requests' lengths, so any model gives the same one."""
-    from ..serving import Engine, mixed_workload
-    from ..bench.serving import run_workload
+    from ...serving import Engine, mixed_workload
+    from ...bench.serving import run_workload
 
     spec = WASTE_WORKLOAD
     model = small_model("gpt2") if model is None else model

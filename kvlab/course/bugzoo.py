@@ -260,7 +260,7 @@ class _Bug:
     kind: str  # the cache kind the specimen implements
     bug: str  # the true cause
     fix: str  # the smallest correct change
-    fails: tuple[str, ...]  # the named checks in kvlab.checks.bugzoo that fail, the bug's own first
+    fails: tuple[str, ...]  # the named checks in kvlab.course.checks.bugzoo that fail, the bug's own first
 
 
 _BUGS: dict[str, _Bug] = {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..gpt import GPT, GPTConfig
+from ...gpt import GPT, GPTConfig
 from ._common import call_learner, learner_check, passed, require_answer
 
 # kvlab.train is imported inside each check, not here: kvlab/__init__ imports the checks, and a
@@ -36,7 +36,7 @@ _SCHEDULES = [(10, 100, 1e-3, 1e-4), (1, 20, 3e-3, 3e-4), (0, 50, 1.0, 0.1), (30
 def check_lr_at(fn: Callable) -> None:
     """`fn(step, warmup, max_steps, lr, min_lr) -> float`: the rate for 0-based optimizer step
     `step`, equal to `kvlab.train.lr_at` for every step from 0 to past max_steps."""
-    from ..train import TrainConfig, lr_at
+    from ...train import TrainConfig, lr_at
 
     for warmup, max_steps, lr, min_lr in _SCHEDULES:
         cfg = TrainConfig(warmup_steps=warmup, max_steps=max_steps, lr=lr, min_lr=min_lr)
@@ -117,8 +117,8 @@ def check_accum_weights(fn: Callable) -> None:
 
 def _bpe_init_loss() -> dict[str, float]:
     """ln V for chapter 1's BPE-1,024 and the validation text's characters per token, measured."""
-    from ..data import load_shakespeare_text, train_val_split
-    from ..tokenizers import BPETokenizer
+    from ...data import load_shakespeare_text, train_val_split
+    from ...tokenizers import BPETokenizer
 
     train_text, val_text = train_val_split(load_shakespeare_text())
     bpe = BPETokenizer.train(train_text, vocab_size=1024)
@@ -172,9 +172,9 @@ _DROPOUT_RECIPE = dict(
 
 def _dropout_runs() -> dict[float, tuple[float, float]]:
     """Run the recipe on the CPU: {dropout: (train loss, val loss)} in nats per character."""
-    from ..data import load_shakespeare_text, train_val_split
-    from ..tokenizers import CharTokenizer
-    from ..train import TrainConfig, evaluate_split, train
+    from ...data import load_shakespeare_text, train_val_split
+    from ...tokenizers import CharTokenizer
+    from ...train import TrainConfig, evaluate_split, train
 
     train_text, val_text = train_val_split(load_shakespeare_text())
     tok = CharTokenizer.from_text(train_text)

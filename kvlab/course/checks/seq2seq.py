@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..attention import CrossAttention, SelfAttention, attention_mask, attention_reference, merge_heads, split_heads
-from ..beam import beam_search
-from ..cache import KVCache
-from ..seq2seq import CrossAttentionCache, DecoderBlock, Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
+from ...attention import CrossAttention, SelfAttention, attention_mask, attention_reference, merge_heads, split_heads
+from ...beam import beam_search
+from ...cache import KVCache
+from ...seq2seq import CrossAttentionCache, DecoderBlock, Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
 from ._common import call_learner, close, learner_check, methods_of, passed, require_answer
 
 __all__ = ["check_padding_mask", "check_cross_attention", "check_project_memory", "check_decoder_layer_step",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..sampling import filter_logits, logits_to_probs, min_p_filter, top_p_filter
+from ...sampling import filter_logits, logits_to_probs, min_p_filter, top_p_filter
 from ._common import call_learner, close, learner_check, passed, require_answer
 
 __all__ = ["check_top_p_filter", "check_equivalent_min_p", "check_temperature_for_half", "check_repetition_penalty",
@@ -235,7 +235,7 @@ def _distinct_2(texts: list[str]) -> float:
 
 
 def _penalized_greedy_text(penalty: float) -> str:
-    from ..pretrained import load_shakespeare
+    from ...pretrained import load_shakespeare
 
     model, tok = load_shakespeare(device="cpu")
     ids = torch.tensor([tok.encode(_PENALTY_RUN["prompt"])])

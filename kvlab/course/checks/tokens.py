@@ -285,8 +285,8 @@ def check_domain_ratio(answer: Any) -> None:
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
         raise AssertionError(f"my_token_ratio should be a number (a ratio of token counts), got {type(answer).__name__}")
-    from ..data import load_shakespeare_text, train_val_split
-    from ..tokenizers import BPETokenizer, GPT2Tokenizer
+    from ...data import load_shakespeare_text, train_val_split
+    from ...tokenizers import BPETokenizer, GPT2Tokenizer
 
     train_text, val_text = train_val_split(load_shakespeare_text())
     bpe = BPETokenizer.train(train_text, vocab_size=1024)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..attention import SelfAttention, attend, causal_mask
+from ...attention import SelfAttention, attend, causal_mask
 from ._common import call_learner, close, learner_check, methods_of, passed, require_answer
 
 __all__ = ["alibi_slopes", "check_alibi_bias", "check_entropy_ratio", "check_multi_head_attention", "check_pool_kv",

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from ..cache import kv_cache_bytes
-from ..device import synchronize
-from ..generation import decode_step, prefill
-from ..gpt import GPT, GPTConfig
+from ...cache import kv_cache_bytes
+from ...device import synchronize
+from ...generation import decode_step, prefill
+from ...gpt import GPT, GPTConfig
 from ._common import call_learner, learner_check, passed, require_answer
 
 __all__ = ["check_time_steps", "check_decode_bytes", "check_compute_bound_batch", "check_bf16_step_times"]

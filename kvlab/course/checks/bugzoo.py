@@ -28,9 +28,9 @@ import io
 
 import torch
 
-from ..cache import CACHE_KINDS, KVCache
-from ..generation import generate
-from ..gpt import GPT
+from ...cache import CACHE_KINDS, KVCache
+from ...generation import generate
+from ...gpt import GPT
 from ._common import MODEL_STYLES, ExerciseNotDone, learner_check, passed, small_model as _model
 
 __all__ = [
@@ -445,7 +445,7 @@ def _require_override(cache_cls) -> None:
     """A fix-the-bug stub subclasses a zoo cache and overrides nothing yet: not done, not failed."""
     # Everything the class body defines, __init__ included, but not the bookkeeping Python adds to every class.
     own = {k for k in vars(cache_cls) if k not in _CLASS_BOOKKEEPING}
-    zoo_bases = [b for b in cache_cls.__mro__[1:] if b.__module__ == "kvlab.bugzoo"]
+    zoo_bases = [b for b in cache_cls.__mro__[1:] if b.__module__ == "kvlab.course.bugzoo"]
     if not own and zoo_bases:
         raise ExerciseNotDone(f"{_name(cache_cls)} is not written yet: override the method that holds "
                               f"{zoo_bases[0].__name__}'s bug")
