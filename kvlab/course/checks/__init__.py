@@ -30,4 +30,5 @@ from .sampling import (check_equivalent_min_p, check_penalty_distinct_2, check_r
                        check_temperature_for_half, check_top_p_filter)
 from .serving import (check_block_manager, check_block_size_waste, check_left_pad, check_paged_attention,  # noqa: F401
                       check_paged_write, check_prefilled_tokens, check_prefix_cache, check_schedule)
-from .beyond import check_acceptance_rate, check_int8_bytes_per_token, check_reorder_cache  # noqa: F401
+from .beyond import (check_accept_sampled, check_acceptance_rate, check_greedy_round, check_int8_bytes_per_token,  # noqa: F401
+                     check_int8_parting, check_int8_quantizer, check_reorder_cache, check_tokens_per_round)
