@@ -25,6 +25,8 @@ from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, S
 from .tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, gpt2_tokenizer
 from . import cpu_kernels  # chapter 5
 from . import beam, quantized, speculative  # chapter 10
+from . import latent  # chapter 11
+from .latent import MultiHeadLatentAttention, kv_bytes_per_token
 from .beam import beam_search
 from .speculative import speculative_generate
 
@@ -34,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     # modules
     "attention", "beam", "bench", "cache", "cpu_kernels", "data", "device", "generation", "gpt", "layers",
-    "pretrained", "quantized", "sampling", "seq2seq", "speculative", "tokenizers", "train", "viz",
+    "latent", "pretrained", "quantized", "sampling", "seq2seq", "speculative", "tokenizers", "train", "viz",
     # the course's code (kvlab.course), by the names the chapters use
     "checks", "bugzoo", "widgets",
     # chapter 2
@@ -49,6 +51,8 @@ __all__ = [
     "BPETokenizer", "CharTokenizer", "GPT2Tokenizer", "gpt2_tokenizer", "SamplingConfig", "logits_to_probs",
     "CrossAttentionCache", "EncoderDecoderCache", "Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode",
     "generate_batch", "beam_search", "speculative_generate",
+    # chapter 11
+    "MultiHeadLatentAttention", "kv_bytes_per_token",
 ]
 
 # Load on first use (`kvlab.bench`, `from kvlab import checks`): the measurement wing is not part of

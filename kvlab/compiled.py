@@ -78,7 +78,7 @@ def decode_step_fixed_shape(model, token: Tensor, input_pos: Tensor, cache: KVCa
         x = x + model.pos_emb(input_pos)
     rope = None
     if c.pos == "rope":
-        cos, sin = rope_cos_sin(input_pos, c.head_dim, c.rope_base)
+        cos, sin = rope_cos_sin(input_pos, model.rope_dim, c.rope_base)
         rope = (cos.to(x.dtype), sin.to(x.dtype))
     mask = attention_mask(input_pos, k_pos, window)  # (1, N): only filled, visible slots
     for block, layer in zip(model.blocks, layers):

@@ -5,7 +5,9 @@ D head_dim.
 
 One class covers GPT-2 (LayerNorm, GELU, learned positions, biases, tied embeddings) and a
 Llama-style "modern" decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases),
-switched by `GPTConfig` fields (and the 2017 paper's fixed sinusoidal positions, `pos="sinusoidal"`).
+switched by `GPTConfig` fields (and the 2017 paper's fixed sinusoidal positions, `pos="sinusoidal"`);
+`attention="mla"` swaps every layer's attention for DeepSeek-V2's latent attention (`kvlab.latent`,
+chapter 11), whose cache holds a latent and a small RoPE key per token instead of keys and values.
 `forward(idx, cache=None, input_pos=None)` is the whole interface: without a cache it attends
 causally over `idx`; with one it writes the new keys and values at `input_pos` and attends over
 everything cached. Passing `targets=` also returns the training loss (nanoGPT's
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from .attention import attention_mask
 from .cache import KVCache
+from .latent import MultiHeadLatentAttention, latent_cache
 from .layers import Block, SinusoidalPositions, make_norm, rope_cos_sin
 from .quantized import int8_cache
 from .validation import check_choice, check_positive_int
@@ -70,6 +73,15 @@ class GPTConfig:
     norm_eps: float = 1e-5  # epsilon inside the norms
     dropout: float = 0.0  # dropout during training (0 for inference and for GPT-2 weights)
     window: int | None = None  # sliding-window attention: attend to the last `window` positions only
+    # Attention: "mha" is multi-head attention, grouped-query or multi-query by n_kv_heads; "mla" is
+    # DeepSeek-V2's latent attention (chapter 11): the cache keeps kv_latent_dim + rope_head_dim
+    # numbers per token and layer, shared by all heads.
+    attention: str = "mha"
+    kv_latent_dim: int | None = None  # MLA only (and needed): width of the cached latent c_kv, Dc
+    # MLA only: width of the decoupled RoPE part of each query and of the shared RoPE key, Dr (even).
+    # None: head_dim // 2 rounded down to even with pos="rope"; 0 with learned or sinusoidal
+    # positions, which are added to the residual stream and need no RoPE key.
+    rope_head_dim: int | None = None
     head_dim: int = dataclasses.field(init=False)  # derived: d_model // n_heads
 
     def __post_init__(self) -> None:
@@ -85,6 +97,34 @@ class GPTConfig:
         check_positive_int("window", self.window, allow_none=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        if self.attention not in ("mha", "mla"):
+            raise ValueError(f"attention must be 'mha' or 'mla', got {self.attention!r}")
+        if self.attention == "mha":
+            for name in ("kv_latent_dim", "rope_head_dim"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only used by attention='mla' (this config has attention='mha'); "
+                                     "leave it None")
+            return
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} is not used by attention='mla': every head's keys and "
+                             "values come from one shared latent; leave n_kv_heads None")
+        if isinstance(self.kv_latent_dim, bool) or not isinstance(self.kv_latent_dim, int) or self.kv_latent_dim < 1:
+            raise ValueError(f"kv_latent_dim must be a positive int with attention='mla' (the width of the cached "
+                             f"latent), got {self.kv_latent_dim!r}")
+        if self.rope_head_dim is None:
+            self.rope_head_dim = 2 * (self.head_dim // 4) if self.pos == "rope" else 0
+        Dr = self.rope_head_dim
+        if isinstance(Dr, bool) or not isinstance(Dr, int) or Dr < 0 or Dr % 2:
+            raise ValueError(f"rope_head_dim must be an even int >= 0, got {Dr!r}")
+        if self.pos == "rope" and Dr == 0:
+            raise ValueError("rope_head_dim must be a positive even int with pos='rope': latent attention carries "
+                             "positions in its decoupled RoPE key")
+        if self.pos != "rope" and Dr != 0:
+            raise ValueError(f"rope_head_dim must be 0 with pos={self.pos!r}: positions are added to the residual "
+                             "stream, so there is no RoPE key (set pos='rope' for a decoupled RoPE key)")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -130,7 +170,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, norm=c.norm, mlp=c.mlp, bias=c.bias,
-                  norm_eps=c.norm_eps, dropout=c.dropout)
+                  norm_eps=c.norm_eps, dropout=c.dropout, attention=self._latent_attention())
             for _ in range(c.n_layers)
         )
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
@@ -143,6 +183,19 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+
+    def _latent_attention(self) -> nn.Module | None:
+        """A layer's attention when it is not `SelfAttention`: latent attention (chapter 11)."""
+        c = self.config
+        if c.attention != "mla":
+            return None
+        return MultiHeadLatentAttention(c.d_model, c.n_heads, c.kv_latent_dim, c.rope_head_dim, bias=c.bias,
+                                        dropout=c.dropout, norm_eps=c.norm_eps)
+
+    @property
+    def rope_dim(self) -> int:
+        """The width the RoPE tables are made for: head_dim, or an MLA model's rope_head_dim."""
+        return self.config.rope_head_dim if self.config.attention == "mla" else self.config.head_dim
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -193,11 +246,15 @@ class GPT(nn.Module):
         grows by concatenation; "sliding" keeps the last `window` positions (default: the
         model's own window) — a full-attention model fed through a sliding cache behaves like
         the same model with `config.window = window`. `quantize="int8"` stores keys and values
-        as int8 (static and sliding kinds; chapter 10). Built in chapter 4.
+        as int8 (static and sliding kinds; chapter 10). An MLA model's cache (any kind) holds a
+        latent and a RoPE key per token instead (`kvlab.latent`, chapter 11). Built in chapter 4.
         """
         c = self.config
         if quantize is not None and quantize != "int8":
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize is not None and c.attention == "mla":
+            raise ValueError("quantize='int8' stores per-head keys and values; an attention='mla' model caches a "
+                             "latent and a RoPE key instead: leave quantize None")
         if kind == "static":
             max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
         elif max_seq_len is not None:
@@ -208,6 +265,9 @@ class GPT(nn.Module):
                 raise ValueError("kind='sliding' needs a window (the model has no config.window)")
         shape = dict(n_layers=c.n_layers, batch_size=batch_size, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                      max_seq_len=max_seq_len, window=window, device=self.device, dtype=self.dtype)
+        if c.attention == "mla":  # chapter 11: (latent, RoPE key) per token, behind the same KVCache
+            del shape["n_kv_heads"], shape["head_dim"]
+            return latent_cache(kind, kv_latent_dim=c.kv_latent_dim, rope_head_dim=c.rope_head_dim, **shape)
         if quantize is not None:  # chapter 10's int8 layer caches, behind the same KVCache
             return int8_cache(kind, **shape)
         return KVCache.create(kind, **shape)
@@ -301,7 +361,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(q_pos)
         x = self.drop(x)
-        rope = rope_cos_sin(q_pos, c.head_dim, c.rope_base) if c.pos == "rope" else None
+        rope = rope_cos_sin(q_pos, self.rope_dim, c.rope_base) if c.pos == "rope" else None
         if rope is not None:
             rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
 

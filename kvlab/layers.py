@@ -147,10 +147,14 @@ class Block(nn.Module):
     def __init__(
         self, d_model: int, n_heads: int, n_kv_heads: int | None, d_ff: int, *,
         norm: str = "layernorm", mlp: str = "gelu", bias: bool = True, norm_eps: float = 1e-5, dropout: float = 0.0,
+        attention: nn.Module | None = None,
     ):
         super().__init__()
         self.norm1 = make_norm(norm, d_model, norm_eps, bias)
-        self.attn = SelfAttention(d_model, n_heads, n_kv_heads, bias=bias, dropout=dropout)
+        # `attention` replaces the usual self-attention with another module called the same way
+        # (chapter 11's latent attention).
+        self.attn = attention if attention is not None else SelfAttention(d_model, n_heads, n_kv_heads, bias=bias,
+                                                                           dropout=dropout)
         self.attn_drop = nn.Dropout(dropout)
         self.norm2 = make_norm(norm, d_model, norm_eps, bias)
         self.mlp = make_mlp(mlp, d_model, d_ff, bias=bias, dropout=dropout)

@@ -160,10 +160,11 @@ other d_model, since no tensor's shape shows it). Every
 def to_hf_gpt2_state_dict(model: GPT) -> dict[str, Tensor]:
     """The inverse of `from_hf_gpt2`: a `GPT2LMHeadModel` state dict for a GPT-2-shaped kvlab model."""
     c = model.config
-    if (c.norm, c.mlp, c.pos, c.bias, c.tie_embeddings, c.n_kv_heads) != ("layernorm", "gelu", "learned", True,
-                                                                          True, c.n_heads):
+    if (c.norm, c.mlp, c.pos, c.bias, c.tie_embeddings, c.n_kv_heads, c.attention) != (
+            "layernorm", "gelu", "learned", True, True, c.n_heads, "mha"):
         raise ValueError("only a GPT-2-style configuration (layernorm, gelu, learned positions, biases, "
-                         "tied embeddings, n_kv_heads == n_heads) has a Hugging Face GPT-2 equivalent")
+                         "tied embeddings, multi-head attention with n_kv_heads == n_heads) has a Hugging Face "
+                         "GPT-2 equivalent")
     ours = model.state_dict()
     sd = {f"transformer.{theirs}": (ours[name].t() if transpose else ours[name]).detach().clone()
           for name, (theirs, transpose) in _name_map(c.n_layers).items()}

@@ -50,12 +50,16 @@ def get_batch(
     *,
     generator: torch.Generator,
     device: str | torch.device = "cpu",
+    bos: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``batch_size`` random windows of ``block_size`` tokens from the 1-D token
     tensor ``data``: inputs ``x`` (B, T) and targets ``y`` (B, T), where ``y`` is ``x``
     shifted one token left (each position predicts the next token). Offsets come from a
     CPU ``generator``, so a seed gives the same batches on CPU, CUDA or MPS. Both are int64
-    on ``device``. Built in chapter 1; used for training in chapter 6."""
+    on ``device``. With a start token ``bos``, every window begins with it: ``x`` is bos
+    followed by T - 1 tokens of text and ``y`` the T tokens of text after bos, as a model that
+    always sees a BOS first is trained (chapter 11). Built in chapter 1; used for training in
+    chapter 6."""
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data must be a 1-D torch.Tensor of token ids, got {type(data).__name__}")
     if data.dim() != 1:
@@ -77,8 +81,14 @@ def get_batch(
             f"devices), got one on {generator.device}"
         )
 
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+        raise ValueError(f"bos must be None or a token id (an int >= 0), got {bos!r}")
     n_windows = len(data) - block_size  # start offsets whose window + 1 target fit
     starts = torch.randint(n_windows, (batch_size,), generator=generator)  # (B,)
+    if bos is not None:  # windows of T text tokens: bos + the first T - 1 in, all T out
+        windows = data.unfold(0, block_size, 1)[starts.to(data.device)].to(device=device, dtype=torch.long)
+        x = torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)  # (B, T)
+        return x, windows.contiguous()
     # unfold views every (T+1)-long window without copying; indexing gathers B of them
     windows = data.unfold(0, block_size + 1, 1)[starts.to(data.device)]  # (B, T+1)
     windows = windows.to(device=device, dtype=torch.long)

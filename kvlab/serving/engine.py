@@ -47,6 +47,9 @@ def _check_model(model) -> None:
     if window is not None and window < model.config.max_seq_len:  # a window as long as the model's reach never evicts
         raise ValueError(f"model has a sliding window (config.window={window}); kvlab.serving "
                          "serves full-attention models only: use kvlab.generate for this one")
+    if model.config.attention == "mla":
+        raise ValueError("model has latent attention (config.attention='mla'); kvlab.serving's paged blocks "
+                         "hold per-head keys and values: use kvlab.generate for this one")
 
 
 def _as_ids(prompt, name: str, vocab_size: int) -> list[int]:

@@ -106,7 +106,7 @@ def estimate_loss(model: nn.Module, data: Tensor, cfg: TrainConfig, *, device: t
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(cfg.eval_batches):
-        x, y = get_batch(data, cfg.batch_size, cfg.block_size, generator=gen, device=device)
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, generator=gen, device=device, bos=cfg.bos_id)
         with _autocast(device, precision):
             total += _loss(model, x, y).item()
     model.train(was_training)
@@ -170,6 +170,8 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
             raise ValueError(f"{name} has {len(data)} tokens; it needs more than block_size={cfg.block_size}")
         if int(data.max()) >= model.config.vocab_size or int(data.min()) < 0:
             raise ValueError(f"{name} holds ids outside [0, {model.config.vocab_size - 1}] (the model's vocabulary)")
+    if cfg.bos_id is not None and cfg.bos_id >= model.config.vocab_size:
+        raise ValueError(f"bos_id={cfg.bos_id} is outside the model's vocabulary [0, {model.config.vocab_size - 1}]")
 
     check_positive_int("stop_after", stop_after, allow_none=True)
     if cfg.tensorboard:
@@ -228,7 +230,8 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
             group["lr"] = lr
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.batch_size * world, cfg.block_size, generator=batch_gen, device=device)
+            x, y = get_batch(train_data, cfg.batch_size * world, cfg.block_size, generator=batch_gen, device=device,
+                             bos=cfg.bos_id)
             x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last or world == 1 else runner.no_sync():  # all-reduce once a step
@@ -278,13 +281,17 @@ def train(model: GPT, train_data: Tensor, val_data: Tensor, cfg: TrainConfig, *,
 
 @torch.no_grad()
 def evaluate_split(model: GPT, ids: Tensor, block_size: int, *, batch_size: int = 32,
-                   device: torch.device | str | None = None) -> float:
+                   device: torch.device | str | None = None, bos: int | None = None) -> float:
     """Mean cross-entropy (nats per token) over *all* of `ids`, in consecutive windows.
 
     Unlike `estimate_loss` (a random sample, cheap, for curves), this covers every token once,
     so it is the number a model's record reports and a test can reproduce exactly. Each window
-    predicts its tokens from the window's own earlier tokens. Built in chapter 6.
+    predicts its tokens from the window's own earlier tokens. With a start token `bos` (a model
+    trained with `TrainConfig.bos_id`), each window is bos + block_size text tokens, all of
+    which are predicted, the first from bos alone. Built in chapter 6 (`bos` in chapter 11).
     """
+    if bos is not None:
+        return _evaluate_with_bos(model, ids, block_size, batch_size=batch_size, device=device, bos=bos)
     device = torch.device(device) if device is not None else model.device
     was_training = model.training
     model.eval()
@@ -294,6 +301,25 @@ def evaluate_split(model: GPT, ids: Tensor, block_size: int, *, batch_size: int 
     usable = ids[: n_windows * block_size + 1].to(device)
     x_all = usable[:-1].view(n_windows, block_size)  # (N, T)
     y_all = usable[1:].view(n_windows, block_size)
+    total = 0.0
+    for i in range(0, n_windows, batch_size):
+        logits = model(x_all[i:i + batch_size])
+        total += F.cross_entropy(logits.float().flatten(0, 1), y_all[i:i + batch_size].flatten(),
+                                 reduction="sum").item()
+    model.train(was_training)
+    return total / (n_windows * block_size)
+
+
+@torch.no_grad()
+def _evaluate_with_bos(model: GPT, ids: Tensor, block_size: int, *, batch_size: int, device, bos: int) -> float:
+    device = torch.device(device) if device is not None else model.device
+    was_training = model.training
+    model.eval()
+    n_windows = len(ids) // block_size
+    if n_windows < 1:
+        raise ValueError(f"ids has {len(ids)} tokens; it needs at least block_size={block_size}")
+    y_all = ids[: n_windows * block_size].to(device).view(n_windows, block_size)  # (N, T): every token predicted
+    x_all = torch.cat([torch.full_like(y_all[:, :1], bos), y_all[:, :-1]], dim=1)  # (N, T): bos, then the text
     total = 0.0
     for i in range(0, n_windows, batch_size):
         logits = model(x_all[i:i + batch_size])

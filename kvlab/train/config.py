@@ -33,6 +33,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (auto: bf16/fp16 on CUDA, fp32 elsewhere)
     compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
     seed: int = 1337  # seeds the initial weights, the batches and dropout
+    bos_id: int | None = None  # a start token every window begins with (chapter 11); None: windows start anywhere
     progress: bool = True  # a tqdm progress bar
     tensorboard: bool = False  # log to out_dir/tensorboard (needs the tensorboard package)
 
@@ -46,6 +47,9 @@ class TrainConfig:
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.bos_id is not None and (isinstance(self.bos_id, bool) or not isinstance(self.bos_id, int)
+                                        or self.bos_id < 0):
+            raise ValueError(f"bos_id must be None or a token id (an int >= 0), got {self.bos_id!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
