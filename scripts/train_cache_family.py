@@ -136,24 +136,44 @@ def export(name: str, result: dict, data: dict, out: Path, shared: dict) -> None
 
 
 def estimate(data: dict, steps: int) -> None:
-    """Time 20 steps of each member (after 3 to warm up) and print the estimated total."""
+    """Time 20 training steps of each member (after 3 to warm up) and print the estimated total.
+
+    Times are this process's CPU seconds (`time.process_time`), which on one thread is the time the
+    run takes on a core of its own, however busy the machine is now; wall seconds are printed too."""
+    from kvlab.data import get_batch
+    from kvlab.train import configure_optimizer
+
     total = 0.0
     for name, (member, seed) in FAMILY_RUNS.items():
-        cfg = family_train_config(seed, max_steps=23, eval_interval=1000, checkpoint_interval=0)
+        cfg = family_train_config(seed)
         torch.manual_seed(seed)
-        model = GPT(family_config(member))
-        t0 = time.perf_counter()
-        history = train(model, data["train"], data["val"], cfg, device="cpu")
-        per_step = (history.elapsed[-1] - history.elapsed[2]) / 20
-        t1 = time.perf_counter()
+        model = GPT(family_config(member)).train()
+        optimizer = configure_optimizer(model, cfg)
+        gen = torch.Generator().manual_seed(seed)
+        clocks = []
+        for i in range(23):
+            if i == 3:
+                clocks.append((time.process_time(), time.perf_counter()))
+            x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, generator=gen, bos=cfg.bos_id)
+            _, loss = model(x, targets=y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        clocks.append((time.process_time(), time.perf_counter()))
+        per_step, wall_step = ((b - a) / 20 for a, b in zip(*clocks))
+        model.eval()
+        c0 = time.process_time()
         evaluate_split(model, data["val"][: 32 * 128], 128, bos=cfg.bos_id)  # one batch of 32 windows
-        per_eval_batch = time.perf_counter() - t1
-        # the steps, estimate_loss every 100 steps (8 batches), three evaluate_split passes (~28 batches each)
-        run = per_step * steps + per_eval_batch * (8 * steps / 100 + 3 * 28)
+        per_eval_batch = time.process_time() - c0
+        # the steps, estimate_loss every eval_interval steps (eval_batches each), and the three
+        # evaluate_split passes over ~28 batches each (val in float32 and float16, train)
+        evals = cfg.eval_batches * steps / cfg.eval_interval + 3 * 28
+        run = per_step * steps + per_eval_batch * evals
         total += run
-        print(f"{name}: {per_step * 1000:.0f} ms/step, {per_eval_batch * 1000:.0f} ms per eval batch "
-              f"-> {run / 60:.1f} min for {steps} steps ({time.perf_counter() - t0:.0f} s measuring)")
-    print(f"estimated total: {total / 60:.1f} min on {torch.get_num_threads()} thread(s)")
+        print(f"{name}: {per_step * 1000:.0f} ms/step CPU ({wall_step * 1000:.0f} wall), {per_eval_batch * 1000:.0f} ms "
+              f"per eval batch -> {run / 60:.1f} min for {steps} steps")
+    print(f"estimated total: {total / 60:.1f} min of one core ({torch.get_num_threads()} thread(s))")
 
 
 def main() -> int:

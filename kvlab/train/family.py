@@ -50,8 +50,9 @@ FAMILY_RUNS: dict[str, tuple[str, int]] = {
     "mha-seed2": ("mha", 1338),
 }
 
-# The recipe all runs share (the seed aside). Sized for about five minutes a run on one core.
-FAMILY_TRAIN = dict(batch_size=32, block_size=128, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=60,
+# The recipe all runs share (the seed aside): 540 steps of 32 windows of 128 (2.2M tokens, about two
+# epochs), sized for about five minutes of one core a run (measured: ~0.5 s a step on an Intel Xeon).
+FAMILY_TRAIN = dict(batch_size=32, block_size=128, max_steps=540, lr=2e-3, min_lr=2e-4, warmup_steps=60,
                     eval_interval=100, eval_batches=8, checkpoint_interval=100, precision="fp32", progress=False,
                     bos_id=65)
 
