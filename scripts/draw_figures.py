@@ -786,8 +786,8 @@ FIGURES: list[tuple[Figure, object]] = [
         caption=("Encoder–decoder generation with two caches. The encoder and the cross-attention "
                  "keys and values are computed once per source; each decoder step adds one "
                  "position to its self-attention cache and reads the cross cache unchanged."),
-        note=("{numref}`fig-ch08_cross_cache` is the loop above, drawn for one source of the "
-              "reversal task, with its {term}`cross-attention cache`.")), draw_seq2seq),
+        note=("{numref}`fig-ch08_cross_cache` is the loop the four steps below build, drawn for one "
+              "source of the reversal task, with its {term}`cross-attention cache`.")), draw_seq2seq),
 ]
 
 
