@@ -37,7 +37,8 @@ from .gpt import GPT
 from .sampling import SamplingConfig, resolve_sampling
 from .validation import check_int, check_non_negative_int, check_positive_int
 
-__all__ = ["NGramDraft", "save_ring", "rollback_cache", "speculative_generate", "load_shakespeare_draft"]
+__all__ = ["NGramDraft", "save_ring", "rollback_cache", "keep_greedy", "keep_sampled", "speculative_generate",
+           "load_shakespeare_draft"]
 
 
 # -- the n-gram draft ----------------------------------------------------------------------------
@@ -211,6 +212,63 @@ def _draw(probs: Tensor, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def keep_greedy(logits: Tensor, guesses: list[int]) -> tuple[int, int]:
+    """The greedy rule: how many guesses to keep, and the token after them.
+
+    `logits` (m + 1, V) are the target's view after the newest token and after each guess. Guess
+    i is kept while it is the target's own argmax; the next token is the target's argmax after
+    the kept ones (its correction at the first mismatch, or a bonus token when all are kept).
+    Built in chapter 10."""
+    best = logits.argmax(dim=-1).tolist()
+    n = 0
+    while n < len(guesses) and guesses[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
+def keep_sampled(p: Tensor, q_rows: list[Tensor] | None, guesses: list[int],
+                 generator: torch.Generator | None) -> tuple[int, int]:
+    """The sampling rule: how many guesses to keep, and the token after them.
+
+    `p` (m + 1, V) holds the target's probabilities after the newest token and after each guess,
+    `q_rows` the draft's probabilities for each guess (None for a draft that proposes tokens
+    without a distribution, as if q put all its mass on its guess). Guess i is kept with
+    probability min(1, p_i(g) / q_i(g)); at the first rejection the next token comes from the
+    normalised max(0, p_i - q_i), and when every guess is kept it comes from p_m (the bonus).
+    The tokens then follow p exactly. Built in chapter 10."""
+    for i, g in enumerate(guesses):
+        q_g = float(q_rows[i][g]) if q_rows else 1.0
+        if float(torch.rand((), generator=generator)) < min(1.0, float(p[i, g]) / q_g):
+            continue
+        residual = (p[i] - q_rows[i]).clamp_(min=0) if q_rows else p[i].clone().index_fill_(0, torch.tensor(g), 0.0)
+        if float(residual.sum()) <= 0:  # p == q: the rejection had probability 0; fall back to p
+            residual = p[i]
+        return i, _draw(residual / residual.sum(), generator)
+    return len(guesses), _draw(p[len(guesses)], generator)
+
+
+def _draft_guesses(draft: GPT, dcache: KVCache, out: list[int], fed: int, m: int,
+                   sampling: SamplingConfig) -> tuple[list[int], list[Tensor], int]:
+    """`m` guesses from a model draft after `out`, whose first `fed` tokens its cache holds:
+    (guesses, the draft's distribution for each when sampling, positions now fed)."""
+    guesses: list[int] = []
+    q_rows: list[Tensor] = []
+    feed = out[fed:]
+    for _ in range(m):
+        x = torch.tensor([feed], device=draft.device)
+        d_logits = draft.forward_unchecked(x, dcache, fed, last_only=True)[0, -1]
+        fed += len(feed)
+        if sampling.greedy:
+            g = int(d_logits.argmax())
+        else:
+            q = sampling.probs(d_logits.float()).cpu()
+            g = _draw(q, sampling.generator)
+            q_rows.append(q)
+        guesses.append(g)
+        feed = [g]
+    return guesses, q_rows, fed
+
+
 @torch.inference_mode()
 def speculative_generate(
     target: GPT,
@@ -236,7 +294,9 @@ def speculative_generate(
     keywords or as one `sampling=SamplingConfig(...)`, not both). Pass a
     dict as `stats` to get acceptance_rate (kept guesses / guesses), tokens_per_target_forward
     (new tokens / target forwards, the prefill of all but the prompt's last token included), the counts behind them, total_s and
-    tokens_per_s. Random draws use `generator` (a CPU generator) when given. Built in chapter 10.
+    tokens_per_s. Random draws use `generator` (a CPU generator) when given. A round is: guesses
+    from the draft, one verify forward of the target, `keep_greedy` or `keep_sampled`, and the
+    rollback of both caches (`rollback_cache`). Built in chapter 10.
     """
     sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 generator=generator)
@@ -245,7 +305,6 @@ def speculative_generate(
     T = idx.size(1)
     if N == 0:
         return idx.clone()
-    greedy, generator = sampling.greedy, sampling.generator
     device = idx.device
     synchronize(device)
     t0 = time.perf_counter()
@@ -266,25 +325,12 @@ def speculative_generate(
     while len(out) - T < N:
         L = len(out)  # the target's cache holds positions 0..L-2; out[L-1] is not fed yet
         m = min(k, N - (L - T) - 1)  # a round yields up to m + 1 tokens: no more than still wanted
-        guesses: list[int] = []
         q_rows: list[Tensor] = []  # the draft's distribution for each guess (model draft, sampling)
         if m > 0 and model_draft:
-            feed = out[fed:]
-            for _ in range(m):
-                x = torch.tensor([feed], device=device)
-                d_logits = draft.forward_unchecked(x, dcache, fed, last_only=True)[0, -1]
-                counts["draft_forwards"] += 1
-                fed += len(feed)
-                if greedy:
-                    g = int(d_logits.argmax())
-                else:
-                    q = sampling.probs(d_logits.float()).cpu()
-                    g = _draw(q, generator)
-                    q_rows.append(q)
-                guesses.append(g)
-                feed = [g]
-        elif m > 0:
-            guesses = draft.propose(out, m)
+            guesses, q_rows, fed = _draft_guesses(draft, dcache, out, fed, m, sampling)
+            counts["draft_forwards"] += m
+        else:
+            guesses = draft.propose(out, m) if m > 0 else []
         m = len(guesses)
 
         x = torch.tensor([[out[-1]] + guesses], device=device)  # (1, m + 1)
@@ -292,28 +338,10 @@ def speculative_generate(
         counts["target_forwards"] += 1
         counts["rounds"] += 1
         counts["proposed"] += m
-
-        n = 0  # guesses kept
-        if greedy:
-            best = logits.argmax(dim=-1).tolist()
-            while n < m and guesses[n] == best[n]:
-                n += 1
-            nxt = best[n]
+        if sampling.greedy:
+            n, nxt = keep_greedy(logits, guesses)
         else:
-            p = sampling.probs(logits.float()).cpu()  # (m + 1, V)
-            nxt = None
-            for i, g in enumerate(guesses):
-                q_g = float(q_rows[i][g]) if q_rows else 1.0
-                if float(torch.rand((), generator=generator)) < min(1.0, float(p[i, g]) / q_g):
-                    n += 1
-                    continue
-                residual = (p[i] - q_rows[i]).clamp_(min=0) if q_rows else p[i].clone().index_fill_(0, torch.tensor(g), 0.0)
-                if float(residual.sum()) <= 0:  # p == q: the rejection had probability 0; fall back to p
-                    residual = p[i]
-                nxt = _draw(residual / residual.sum(), generator)
-                break
-            if nxt is None:  # every guess kept: a bonus token from the last position
-                nxt = _draw(p[m], generator)
+            n, nxt = keep_sampled(sampling.probs(logits.float()).cpu(), q_rows, guesses, sampling.generator)
         counts["accepted"] += n
         out += guesses[:n] + [nxt]
         rollback_cache(tcache, L + n)  # keep out[0..L-1] and the n kept guesses

@@ -65,6 +65,14 @@ def delegate_greedy_round_generate(target, cache, tokens, guesses):  # kvlab's w
     return out[0, len(tokens):].tolist()
 
 
+def delegate_greedy_round_keep(target, cache, tokens, guesses):  # kvlab's greedy rule, the cache's own crop
+    L = len(tokens)
+    logits = target(torch.tensor([[tokens[-1]] + guesses]), cache, input_pos=L - 1)[0]
+    n, nxt = kvlab.speculative.keep_greedy(logits, guesses)
+    cache.crop(L + n)
+    return guesses[:n] + [nxt]
+
+
 def delegate_accept_sampled(p, q, guesses, generator):  # kvlab's sampler on stand-in models
     model = kvlab.GPT(kvlab.GPTConfig(vocab_size=p.size(-1), max_seq_len=8, d_model=8, n_layers=1, n_heads=1))
     out = kvlab.speculative.speculative_generate(model, model, torch.tensor([[0]]), 1, k=max(len(guesses), 1),
@@ -108,6 +116,10 @@ DELEGATING = {  # check -> an answer that only calls kvlab
     "check_greedy_round (kvlab's speculative_generate)": (beyond_checks.check_greedy_round,
                                                           delegate_greedy_round_generate),
     "check_accept_sampled": (beyond_checks.check_accept_sampled, delegate_accept_sampled),
+    "check_accept_sampled (kvlab's keep_sampled)": (beyond_checks.check_accept_sampled,
+                                                    lambda p, q, guesses, generator: kvlab.speculative.keep_sampled(
+                                                        p, list(q), guesses, generator)),
+    "check_greedy_round (kvlab's keep_greedy)": (beyond_checks.check_greedy_round, delegate_greedy_round_keep),
     "check_int8_quantizer": (lambda pair: beyond_checks.check_int8_quantizer(*pair),
                              (kvlab.quantized.quantize_int8, kvlab.quantized.dequantize_int8)),
     "check_int8_quantizer (kvlab's quantizer, a hand dequantizer)": (

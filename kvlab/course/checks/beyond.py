@@ -190,8 +190,9 @@ def check_int8_bytes_per_token(answer) -> None:
 
 # kvlab's own speculative decoding and its rollback, switched off while the learner's round runs; the
 # model's forward and the cache's own `crop` stay on.
-_SPECULATIVE_OFF = ("speculative decoding (speculative_generate, rollback_cache)",
-                    [_speculative_module.speculative_generate, _speculative_module.rollback_cache])
+_SPECULATIVE_OFF = ("speculative decoding (speculative_generate, keep_greedy, keep_sampled, rollback_cache)",
+                    [_speculative_module.speculative_generate, _speculative_module.keep_greedy,
+                     _speculative_module.keep_sampled, _speculative_module.rollback_cache])
 ROUND_SETUP = dict(prompt="ROMEO:\n", new_tokens=64, k=4)  # the whole-generation part of check_greedy_round
 
 
