@@ -120,6 +120,11 @@ def test_a_training_preset_with_trains_shape_flags(tmp_path):
     (["--model", "no/such/model"], "--model 'no/such/model': no such model or file"),
     (["--model", "tiny-modern", "--hf"], "--hf compares with Hugging Face's GPT-2"),
     (["--serving", "--model", "quick"], "--prompt-lens 32 + --serving-new-tokens 64 = 96 positions exceeds"),
+    (["--serving", "--hf", "--model", "tiny-modern"], "--hf compares with Hugging Face's GPT-2"),
+    (["--serving", "--hf", "--model", "tiny"], "or its shared prompt (256 + 16 own tokens + 4 new) = 276 positions "
+                                               "exceeds the model's context of 256"),
+    (["--serving", "--hf", "--model", "tiny", "--max-seq-len", "300", "--plot", "s.png"],
+     "--serving --hf writes a JSON record only"),
     (["--out", "no/such/folder/b.json"], "--out no/such/folder/b.json: the folder no/such/folder does not exist"),
     (["--plot", "b.xyz"], "--plot b.xyz: matplotlib cannot write .xyz files"),
     (["--beyond", "--model", "tiny"], "--beyond measures the shipped Shakespeare models"),

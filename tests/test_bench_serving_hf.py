@@ -1,11 +1,12 @@
 """kvlab.bench.serving_hf: the engine against transformers' continuous batching, kvlab's static batch
-and one request at a time, on one workload and the same weights; and `--serving --hf`'s usage errors."""
+and one request at a time, on one workload and the same weights (`--serving --hf`'s usage errors are
+in test_bench_cli.py)."""
 
 import pytest
 import torch
 
 import kvlab
-from kvlab.bench.cli import _hf_twin, main
+from kvlab.bench.cli import _hf_twin
 from kvlab.bench.serving_hf import hf_generate_batch, serving_vs_hf
 
 
@@ -38,21 +39,3 @@ def test_every_way_gives_the_same_tokens_and_the_record_holds_the_targets(model)
     assert targets["prefix_shared_over_unshared_bytes"] == 1 / 4  # 8 prompt blocks held once instead of 4 times
     assert targets["engine_2_reserved_over_used"] >= 1.0
     assert result["prefix"]["unshared"]["mean_ttft_s"] > 0 and result["prefix"]["shared"]["mean_ttft_s"] > 0
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--serving", "--hf", "--model", "tiny-modern"], "--hf compares with Hugging Face's GPT-2"),
-    (["--serving", "--hf", "--model", "tiny"], "or its shared prompt (256 + 16 own tokens + 4 new) = 276 positions "
-                                               "exceeds the model's context of 256"),
-    (["--serving", "--hf", "--model", "tiny", "--max-seq-len", "300", "--plot", "s.png"],
-     "--serving --hf writes a JSON record only"),
-])
-def test_serving_hf_usage_errors_come_before_any_model_is_built(args, message, capsys, monkeypatch):
-    def no_model(*_, **__):
-        raise AssertionError("a model was built before the flags were checked")
-
-    monkeypatch.setattr("kvlab.bench.cli._model", no_model)
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 2
-    assert message in " ".join(capsys.readouterr().err.split())

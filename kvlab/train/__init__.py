@@ -290,36 +290,22 @@ def evaluate_split(model: GPT, ids: Tensor, block_size: int, *, batch_size: int 
     trained with `TrainConfig.bos_id`), each window is bos + block_size text tokens, all of
     which are predicted, the first from bos alone. Built in chapter 6 (`bos` in chapter 11).
     """
-    if bos is not None:
-        return _evaluate_with_bos(model, ids, block_size, batch_size=batch_size, device=device, bos=bos)
     device = torch.device(device) if device is not None else model.device
     was_training = model.training
     model.eval()
-    n_windows = (len(ids) - 1) // block_size
-    if n_windows < 1:
-        raise ValueError(f"ids has {len(ids)} tokens; it needs more than block_size={block_size}")
-    usable = ids[: n_windows * block_size + 1].to(device)
-    x_all = usable[:-1].view(n_windows, block_size)  # (N, T)
-    y_all = usable[1:].view(n_windows, block_size)
-    total = 0.0
-    for i in range(0, n_windows, batch_size):
-        logits = model(x_all[i:i + batch_size])
-        total += F.cross_entropy(logits.float().flatten(0, 1), y_all[i:i + batch_size].flatten(),
-                                 reduction="sum").item()
-    model.train(was_training)
-    return total / (n_windows * block_size)
-
-
-@torch.no_grad()
-def _evaluate_with_bos(model: GPT, ids: Tensor, block_size: int, *, batch_size: int, device, bos: int) -> float:
-    device = torch.device(device) if device is not None else model.device
-    was_training = model.training
-    model.eval()
-    n_windows = len(ids) // block_size
-    if n_windows < 1:
-        raise ValueError(f"ids has {len(ids)} tokens; it needs at least block_size={block_size}")
-    y_all = ids[: n_windows * block_size].to(device).view(n_windows, block_size)  # (N, T): every token predicted
-    x_all = torch.cat([torch.full_like(y_all[:, :1], bos), y_all[:, :-1]], dim=1)  # (N, T): bos, then the text
+    if bos is None:  # windows of block_size + 1 tokens, overlapping by one: each predicts its last block_size
+        n_windows = (len(ids) - 1) // block_size
+        if n_windows < 1:
+            raise ValueError(f"ids has {len(ids)} tokens; it needs more than block_size={block_size}")
+        usable = ids[: n_windows * block_size + 1].to(device)
+        x_all = usable[:-1].view(n_windows, block_size)  # (N, T)
+        y_all = usable[1:].view(n_windows, block_size)
+    else:  # bos, then block_size - 1 tokens in; all block_size tokens predicted
+        n_windows = len(ids) // block_size
+        if n_windows < 1:
+            raise ValueError(f"ids has {len(ids)} tokens; it needs at least block_size={block_size}")
+        y_all = ids[: n_windows * block_size].to(device).view(n_windows, block_size)  # (N, T)
+        x_all = torch.cat([torch.full_like(y_all[:, :1], bos), y_all[:, :-1]], dim=1)  # (N, T)
     total = 0.0
     for i in range(0, n_windows, batch_size):
         logits = model(x_all[i:i + batch_size])
