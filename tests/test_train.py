@@ -228,3 +228,17 @@ def test_auto_precision_on_cuda_follows_native_bf16(monkeypatch, capability, exp
     # A T4 (7.5) emulates bf16 slowly: it must get fp16 with a gradient scaler.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert precision_for(torch.device("cuda")) == expected
+
+
+def test_evaluate_split_with_a_start_token_predicts_every_token_from_bos_and_the_window():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = kvlab.GPT(kvlab.GPTConfig(vocab_size=12, max_seq_len=8, d_model=16, n_layers=1, n_heads=2)).eval()
+    ids = torch.randint(0, 11, (21,))
+    got = kvlab.train.evaluate_split(model, ids, 4, batch_size=2, bos=11)
+    windows = ids[:20].view(5, 4)  # 5 windows of 4 tokens; the 21st token is left over
+    x = torch.cat([torch.full((5, 1), 11), windows[:, :-1]], dim=1)
+    with torch.no_grad():
+        want = F.cross_entropy(model(x).flatten(0, 1), windows.flatten()).item()
+    assert got == pytest.approx(want, rel=1e-5)
