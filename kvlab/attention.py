@@ -219,6 +219,8 @@ class SelfAttention(AttentionBase):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, input_pos)  # (B, Hkv, S, D)
+            if hasattr(cache, "observe"):  # an evicting cache scores its keys by the attention they get (ch. 11)
+                cache.observe(q)
         return self.attend_and_project(q, k, v, mask, is_causal, return_weights)
 
 

@@ -10,7 +10,7 @@ trains the runs mha, gqa, mqa, mla and mha-seed2 one after another with kvlab's 
 - writes OUT/record.json: per run the parameters, KV bytes per token, validation (and train) loss
   per character, steps, tokens, wall time; the shared settings; the command lines that made it.
 
-Resumable: each run checkpoints to RUNS/NAME/checkpoint.safetensors every 100 steps and keeps its
+Resumable: each run checkpoints to RUNS/NAME/checkpoint.safetensors every 200 steps and keeps its
 result in RUNS/NAME/result.json; run the same command again and finished runs are skipped, an
 interrupted one continues from its checkpoint. Nothing is overwritten silently: a checkpoint,
 result, exported model or record made with other settings is an error naming it (move it away).
