@@ -21,7 +21,8 @@ from torch import Tensor
 from .gpt import GPT, GPTConfig
 from .validation import check_choice
 
-__all__ = ["GPT2_NAMES", "GPT2_DOWNLOAD", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare"]
+__all__ = ["GPT2_NAMES", "GPT2_DOWNLOAD", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare",
+           "CACHE_FAMILY_DIR", "load_cache_family"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # d_model -> n_heads of each published GPT-2 size
@@ -289,3 +290,37 @@ def load_shakespeare(path: str | os.PathLike | None = None, *, tokenizer: str = 
     model.record = record
     model.eval()
     return (model.to(device) if device is not None else model), tok
+
+
+# -- chapter 11's model family, shipped beside the Shakespeare models --------------------------------
+
+CACHE_FAMILY_DIR = "data/cache_family"  # relative to the repository root: one exported folder per member
+
+
+def load_cache_family(member: str, path: str | os.PathLike | None = None, *,
+                      device: torch.device | str | None = None):
+    """One member of chapter 11's model family ("mha", "gqa", "mqa" or "mla", `kvlab.train.family`)
+    and its tokenizer (the 65 characters and the start token, id 65), as `(model, tokenizer)`.
+
+    The four members ship in float16 in the repository's `data/cache_family/NAME` (and inside an
+    installed kvlab, as the Shakespeare models do), trained by `scripts/train_cache_family.py`; the
+    model comes back in float32, in eval mode, its record on `model.record`. `path` is another folder
+    holding the members the same way (e.g. a smoke run's export). Built in chapter 11.
+    """
+    from .data import checkout_root, repo_file
+    from .train.family import CACHE_FAMILY
+
+    if not isinstance(member, str) or member not in CACHE_FAMILY:
+        raise ValueError(f"member must be one of {', '.join(CACHE_FAMILY)} (chapter 11's family), got {member!r}")
+    if path is not None:
+        return load_shakespeare(Path(path) / member, device=device)
+    root = checkout_root()
+    if root is not None:
+        folder = root / CACHE_FAMILY_DIR / member
+    else:
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "record.json"):
+            folder = repo_file(f"{CACHE_FAMILY_DIR}/{member}/{name}").parent
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"chapter 11's family is not in this checkout: no {folder / 'model.safetensors'} "
+                                f"({CACHE_FAMILY_DIR} is written by scripts/train_cache_family.py)")
+    return load_shakespeare(folder, device=device)

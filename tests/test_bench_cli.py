@@ -128,6 +128,19 @@ def test_a_training_preset_with_trains_shape_flags(tmp_path):
     (["--out", "no/such/folder/b.json"], "--out no/such/folder/b.json: the folder no/such/folder does not exist"),
     (["--plot", "b.xyz"], "--plot b.xyz: matplotlib cannot write .xyz files"),
     (["--beyond", "--model", "tiny"], "--beyond measures the shipped Shakespeare models"),
+    (["--frontier", "--model", "tiny"], "--frontier measures chapter 11's model family (kvlab.load_cache_family); "
+                                        "leave out --model and the shape flags"),
+    (["--frontier", "--d-model", "64"], "--frontier measures chapter 11's model family"),
+    (["--frontier", "--beyond"], "--frontier and --beyond are separate runs; choose one"),
+    (["--frontier", "--hf", "--dtype", "bfloat16"], "--hf, --dtype bfloat16: --frontier measures float32 caches on "
+                                                    "the CPU"),
+    (["--frontier", "--frontier-family", "no/such/dir"], "--frontier-family no/such/dir: no exported mha, gqa, mqa, "
+                                                         "mla there"),
+    (["--frontier", "--frontier-windows", "1000"], "--frontier-windows 1000: 1000 windows of 128 need 128000 "
+                                                   "characters; the validation split has 111540"),
+    (["--frontier", "--frontier-long-windows", "0"],
+     "argument --frontier-long-windows: expected a positive integer, got '0'"),
+    (["--frontier", "--plot", "f.xyz"], "--plot f.xyz: matplotlib cannot write .xyz files"),
     (["--model", "tiny", "--n_layers", "3"], "--n_layers (did you mean --n-layers?)"),
 ])
 def test_usage_errors_come_before_any_model_is_built(args, message, capsys, monkeypatch):
@@ -135,6 +148,7 @@ def test_usage_errors_come_before_any_model_is_built(args, message, capsys, monk
         raise AssertionError("a model was built before the flags were checked")
 
     monkeypatch.setattr("kvlab.bench.cli._model", no_model)
+    monkeypatch.setattr("kvlab.pretrained.load_cache_family", no_model)  # --frontier's models
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 2

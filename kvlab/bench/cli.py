@@ -1,5 +1,5 @@
 """`python -m kvlab.bench`: the command line of `kvlab.bench` (the sweep, the speed-up table, chapter 9's
-serving measurements, chapter 10's measurements).
+serving measurements, chapter 10's measurements, chapter 11's frontier).
 
 `--model` takes what `python -m kvlab.generate` takes (the shipped models, exported folders,
 training checkpoints; GPT-2 names give GPT-2's shape with random weights, no download, since
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,8 @@ examples:
                                                                     the model you trained: speed-up and tokens/s
   python -m kvlab.bench --model bpe-6x384 --d-model 512 --n-heads 8 --cache on
                                                                     a training preset's shape, changed
+  python -m kvlab.bench --frontier --threads 2 --out data/bench/cpu_frontier.json --plot data/bench/cpu_frontier.png
+                                                                    chapter 11: cache bytes against quality
 chapter 5's recorded runs: bash scripts/record_bench_cpu.sh"""
 
 
@@ -118,6 +121,24 @@ def build_parser() -> Parser:
     beyond.add_argument("--beyond-new-tokens", type=positive_int, default=256, help="greedy tokens per run (default 256)")
     beyond.add_argument("--beyond-windows", type=positive_int, default=200,
                         help="128-character validation windows for the int8 cache's quality (default 200)")
+    # -- chapter 11: cache size against quality on the family of kvlab.train.family (a separate run: --frontier) --
+    front = parser.add_argument_group(
+        "chapter 11 (--frontier)", "measure chapter 11's model family (kvlab.load_cache_family) instead of sweeping: "
+        "every way of shrinking the cache in kvlab.bench.frontier.FRONTIER_METHODS, fed one token at a time through "
+        "the cache on validation windows (nats per character, top-1 agreement with the full cache, KV bytes per "
+        "token), eviction past the training length, and the attention each head puts on the start token; float32 "
+        "on the CPU; e.g. python -m kvlab.bench --frontier --threads 2 --out data/bench/cpu_frontier.json "
+        "--plot data/bench/cpu_frontier.png")
+    front.add_argument("--frontier", action="store_true",
+                       help="run chapter 11's measurements and write them to --out")
+    front.add_argument("--frontier-windows", type=positive_int, default=64,
+                       help=f"{FRONTIER_LENGTH}-character validation windows for every method (default 64)")
+    front.add_argument("--frontier-long-windows", type=positive_int, default=8,
+                       help=f"{LONG_LENGTH}-character validation windows for eviction past the training length "
+                            "(default 8)")
+    front.add_argument("--frontier-family", default=None, metavar="DIR",
+                       help="a folder holding the members as exported folders, DIR/mha, DIR/gqa, DIR/mqa, DIR/mla "
+                            "(default: the shipped family, data/cache_family)")
     return parser
 
 
@@ -223,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = command_line("kvlab.bench", argv)
+    if args.frontier:
+        _check_frontier_flags(parser, args)
+        return _frontier_main(parser, args, command)
     if args.beyond:
         if args.model is not None or shape_flags_given(args):
             parser.error("--beyond measures the shipped Shakespeare models; leave out --model and the shape flags")
@@ -332,6 +356,143 @@ def _beyond_main(args, command: str) -> int:
     result["note"] = ("one run on a machine shared with other jobs: absolute tokens/s are loaded numbers; the "
                       "speed-ups are ratios within this run (plain and speculative interleaved)")
     _write(result, args, command)
+    return 0
+
+
+# -- chapter 11's frontier (`python -m kvlab.bench --frontier`) ---------------------------------------
+
+FRONTIER_LENGTH = 128  # characters per window: the family's training length
+LONG_LENGTH, LONG_BUDGET, LONG_PAST = 512, 64, 128  # long_context: windows of four training lengths, caches of
+# 64 tokens, scored past the first 128 positions
+SINK_WINDOWS, SINK_FROM = 32, 32  # sink_share: windows, and the first query position counted
+
+
+def _check_frontier_flags(parser: Parser, args) -> None:
+    """--frontier's usage errors, before the text or any model is read."""
+    others = [flag for flag, on in (("--beyond", args.beyond), ("--serving", args.serving),
+                                    ("--speedup-table", args.speedup_table)) if on]
+    if others:
+        parser.error(f"--frontier and {', '.join(others)} are separate runs; choose one")
+    if args.model is not None or shape_flags_given(args):
+        parser.error("--frontier measures chapter 11's model family (kvlab.load_cache_family); leave out --model and "
+                     "the shape flags (--frontier-family DIR measures another export of the family)")
+    ignored = [flag for flag, on in (("--hf", args.hf), ("--compile", args.compile),
+                                     (f"--dtype {args.dtype}", args.dtype != "float32"),
+                                     (f"--device {args.device}", args.device not in (None, "cpu"))) if on]
+    if ignored:
+        parser.error(f"{', '.join(ignored)}: --frontier measures float32 caches on the CPU; leave it out")
+    if args.frontier_family is not None:
+        from ..train.family import CACHE_FAMILY
+
+        folder = Path(args.frontier_family)
+        missing = [m for m in CACHE_FAMILY if not (folder / m / "model.safetensors").is_file()]
+        if missing:
+            parser.error(f"--frontier-family {args.frontier_family}: no exported {', '.join(missing)} there (it must "
+                         f"hold DIR/NAME/model.safetensors, config.json, tokenizer.json for each of "
+                         f"{', '.join(CACHE_FAMILY)}, as scripts/train_cache_family.py exports them)")
+    _check_outputs(parser, args)
+
+
+def uniform_sink_share(length: int = FRONTIER_LENGTH, from_pos: int = SINK_FROM) -> float:
+    """The share of attention on position 0 if every query spread its attention evenly over the
+    positions it sees: the mean of 1/(p + 1) over the query positions p >= `from_pos`."""
+    return sum(1 / (p + 1) for p in range(from_pos, length)) / (length - from_pos)
+
+
+def frontier_record(models: dict, ids: torch.Tensor, bos: int, *, windows: int = 64, long_windows: int = 8,
+                    methods: dict | None = None, progress: bool = False) -> dict:
+    """Chapter 11's measurements on the family `models` (member name -> model) over the validation
+    ids: `frontier` on `windows` windows of 128, `long_context` on the baseline (mha), `sink_share`
+    of every member. Built in chapter 11."""
+    from .frontier import family_windows, frontier, long_context, sink_share
+
+    x, y = family_windows(ids, bos, length=FRONTIER_LENGTH, n_windows=windows)
+    points = frontier(models, x, y, methods, progress=progress)
+    t0 = time.perf_counter()
+    long = long_context(models["mha"], ids, bos, length=LONG_LENGTH, n_windows=long_windows, budget=LONG_BUDGET,
+                        past=LONG_PAST)
+    long_s = time.perf_counter() - t0
+    xs, _ = family_windows(ids, bos, length=FRONTIER_LENGTH, n_windows=SINK_WINDOWS)
+    sinks = {}
+    for name, model in models.items():
+        share = sink_share(model, xs, from_pos=SINK_FROM)  # (n_layers, n_heads)
+        sinks[name] = {"max": round(share.max().item(), 4),
+                       "share": [[round(v, 4) for v in row] for row in share.tolist()]}
+    return {
+        "windows": {"n_windows": windows, "length": FRONTIER_LENGTH, "split": "val", "bos": bos,
+                    "characters": windows * FRONTIER_LENGTH},
+        "points": points,
+        "long_context": {"member": "mha", "n_windows": long_windows, "length": LONG_LENGTH, "budget": LONG_BUDGET,
+                         "past": LONG_PAST, "nats_per_char": long, "seconds": round(long_s, 2),
+                         "what": "nats per character over the positions >= past of windows of length, fed one "
+                                 "token at a time through the model's sliding window and through evicting caches "
+                                 "of budget tokens"},
+        "sink_share": {"n_windows": SINK_WINDOWS, "length": FRONTIER_LENGTH, "from_pos": SINK_FROM,
+                       "uniform": round(uniform_sink_share(), 4), "members": sinks,
+                       "what": "mean attention weight that queries at positions >= from_pos put on position 0 "
+                               "(BOS), per layer (rows) and head; uniform: the same if attention were spread "
+                               "evenly"},
+    }
+
+
+def _frontier_main(parser: Parser, args, command: str) -> int:
+    from ..data import load_shakespeare_text, train_val_split
+    from ..device import cpu_model_name, describe_device
+    from ..pretrained import CACHE_FAMILY_DIR, load_cache_family
+    from ..train.family import BOS_CHAR, CACHE_FAMILY, family_tokenizer
+
+    started = time.perf_counter()
+    text = load_shakespeare_text()
+    tok = family_tokenizer(text)
+    ids = torch.tensor(tok.encode(train_val_split(text)[1]))
+    for flag, n, length in (("--frontier-windows", args.frontier_windows, FRONTIER_LENGTH),
+                            ("--frontier-long-windows", args.frontier_long_windows, LONG_LENGTH)):
+        if n * length > len(ids):
+            parser.error(f"{flag} {n}: {n} windows of {length} need {n * length} characters; the validation split "
+                         f"has {len(ids)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models, family = {}, {}
+    for name in CACHE_FAMILY:
+        try:
+            model, member_tok = load_cache_family(name, args.frontier_family)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        if getattr(member_tok, "chars", None) != tok.chars:
+            parser.error(f"family member {name}: its tokenizer is not the family's (the 65 characters of Tiny "
+                         f"Shakespeare and the start token, kvlab.train.family.family_tokenizer)")
+        models[name] = model
+        record = model.record
+        family[name] = {"parameters": sum(p.numel() for p in model.parameters()),
+                        **{k: record[k] for k in ("steps", "val_nats_per_char", "smoke") if k in record}}
+    print(f"--frontier: {len(CACHE_FAMILY)} members, {args.frontier_windows} windows of {FRONTIER_LENGTH} "
+          f"validation characters, {torch.get_num_threads()} thread(s)")
+    result = {"what": "chapter 11's frontier: quality against KV cache bytes per token for every method of "
+                      "kvlab.bench.frontier.FRONTIER_METHODS on the family of kvlab.train.family, float32, "
+                      "teacher-forced one token per forward through each cache",
+              "device": describe_device(torch.device("cpu")), "cpu": cpu_model_name(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "family_dir": args.frontier_family or CACHE_FAMILY_DIR,
+              "family": family}
+    result.update(frontier_record(models, ids, tok.stoi[BOS_CHAR], windows=args.frontier_windows,
+                                  long_windows=args.frontier_long_windows, progress=True))
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    _write(result, args, command)
+    print("past the training length (nats/char, positions >= 128 of 512):",
+          ", ".join(f"{k} {v:.4f}" for k, v in result["long_context"]["nats_per_char"].items()))
+    print(f"attention on BOS, largest head (uniform {result['sink_share']['uniform']}):",
+          ", ".join(f"{k} {v['max']}" for k, v in result["sink_share"]["members"].items()))
+    if args.plot:
+        import matplotlib.pyplot as plt
+
+        from .frontier import plot_frontier
+
+        ax = plot_frontier(result["points"])
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
+        ax.set_title(f"chapter 11's family: {args.frontier_windows} windows of {FRONTIER_LENGTH} validation "
+                     f"characters, {result['device']}", fontsize=8)
+        ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
+        print(f"wrote {args.plot}")
     return 0
 
 
