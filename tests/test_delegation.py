@@ -15,6 +15,7 @@ from kvlab import checks
 from kvlab.course.checks import _common
 from kvlab.course.checks import attention as attention_checks
 from kvlab.course.checks import beyond as beyond_checks
+from kvlab.course.checks import smaller as smaller_checks
 from kvlab.course.checks import tokens as token_checks
 from kvlab.train import TrainConfig, lr_at
 
@@ -85,6 +86,30 @@ def hand_dequantize(q, step, low):
             + low.float()[..., None]).flatten(-2)
 
 
+def delegate_mla_absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale, mask):  # kvlab's absorbed form
+    H, Dn, Dc = w_uk.shape
+    layer = kvlab.MultiHeadLatentAttention(H * Dn, H, Dc, q_rope.size(-1), bias=False)
+    with torch.no_grad():
+        layer.k_up.weight.copy_(w_uk.reshape(H * Dn, Dc))
+        layer.v_up.weight.copy_(w_uv.reshape(H * Dn, Dc))
+    return layer.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)[0]
+
+
+def delegate_h2o(attn, budget, n_sinks, recent):  # the replay around kvlab's victim rule
+    kept, scores, out = [], torch.zeros(0), []
+    for t in range(attn.size(0)):
+        kept.append(t)
+        scores = torch.cat([scores, torch.zeros(1)])
+        victim = -1
+        if len(kept) > budget:
+            i = int(kvlab.eviction.heavy_hitter_victim(scores[None], n_sinks, recent)[0])
+            victim = kept.pop(i)
+            scores = torch.cat([scores[:i], scores[i + 1:]])
+        scores += attn[t, kept]
+        out.append(victim)
+    return out
+
+
 DELEGATING = {  # check -> an answer that only calls kvlab
     "check_bpe_encode": (checks.check_bpe_encode, lambda text, merges: token_checks._encode(text, merges)),
     "check_multi_head_attention": (checks.check_multi_head_attention, delegate_mha),
@@ -122,6 +147,13 @@ DELEGATING = {  # check -> an answer that only calls kvlab
     "check_greedy_round (kvlab's keep_greedy)": (beyond_checks.check_greedy_round, delegate_greedy_round_keep),
     "check_int8_quantizer": (lambda pair: beyond_checks.check_int8_quantizer(*pair),
                              (kvlab.quantized.quantize_int8, kvlab.quantized.dequantize_int8)),
+    "check_mla_absorbed": (smaller_checks.check_mla_absorbed, delegate_mla_absorbed),
+    "check_h2o_evictions": (smaller_checks.check_h2o_evictions, delegate_h2o),
+    "check_h2o_evictions (the check's own reference)": (smaller_checks.check_h2o_evictions,
+                                                        smaller_checks.h2o_reference),
+    "check_mla_absorbed (the check's own reference)": (smaller_checks.check_mla_absorbed,
+                                                       smaller_checks.mla_naive_reference),
+    "check_key_quantizer": (smaller_checks.check_key_quantizer, kvlab.lowbit.quantize_per_channel),
     "check_int8_quantizer (kvlab's quantizer, a hand dequantizer)": (
         lambda pair: beyond_checks.check_int8_quantizer(*pair), (kvlab.quantized.quantize_int8, hand_dequantize)),
 }

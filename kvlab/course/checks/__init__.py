@@ -32,3 +32,5 @@ from .serving import (check_block_manager, check_block_size_waste, check_left_pa
                       check_paged_write, check_prefilled_tokens, check_prefix_cache, check_schedule)
 from .beyond import (check_accept_sampled, check_acceptance_rate, check_greedy_round, check_int8_bytes_per_token,  # noqa: F401
                      check_int8_parting, check_int8_quantizer, check_reorder_cache, check_tokens_per_round)
+from .smaller import (check_h2o_evictions, check_key_quantizer, check_mla_absorbed, check_sink_rotation,  # noqa: F401
+                      check_v2_bytes_per_token, check_window_budget)

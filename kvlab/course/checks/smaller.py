@@ -1,6 +1,7 @@
 """Checks for chapter 11: its three build steps (latent attention in the absorbed form, the
 heavy-hitter eviction policy on a recorded attention map, the per-channel key quantizer) and its
-exercises (DeepSeek-V2's bytes per token; which caches keep a repeated line; how many sinks).
+exercises (DeepSeek-V2's bytes per token; how far a sink's key is rotated; the smallest window
+within the seed noise).
 
 `check_mla_absorbed` compares the learner's absorbed attention with the decompress-then-attend
 form written out here, and watches every tensor the learner's code makes (a `TorchFunctionMode`):
@@ -26,13 +27,14 @@ from ... import quantized as _quantized_module
 from ._common import call_learner, close, learner_check, methods_of, passed, require_answer
 
 __all__ = ["check_mla_absorbed", "check_h2o_evictions", "check_key_quantizer", "check_v2_bytes_per_token",
-           "h2o_reference", "V2_SHAPE"]
+           "check_sink_rotation", "check_window_budget", "h2o_reference", "sink_rotation_measured",
+           "window_budget_measured", "SINK_SETUP", "V2_SHAPE", "WINDOW_BUDGETS"]
 
 
 # --------------------------------------------------------------------------- build step: absorbed MLA
 
-_MLA_OFF = ("latent attention (MultiHeadLatentAttention's forms)",
-            methods_of(_latent_module.MultiHeadLatentAttention))
+_MLA_OFF = ("latent attention (MultiHeadLatentAttention's forms, and this check's own reference)",
+            [*methods_of(_latent_module.MultiHeadLatentAttention)])
 
 
 def mla_naive_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale, mask):
@@ -46,6 +48,9 @@ def mla_naive_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale, mask)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1) @ v
+
+
+_MLA_OFF[1].append(mla_naive_reference)
 
 
 class _Watch(TorchFunctionMode):
@@ -112,7 +117,7 @@ def check_mla_absorbed(fn: Callable) -> None:
 
 # --------------------------------------------------------------------------- build step: heavy hitters
 
-_EVICTION_OFF = ("eviction policies (kvlab.eviction)",
+_EVICTION_OFF = ("eviction policies (kvlab.eviction, and this check's own reference)",
                  [_eviction_module.window_victim, _eviction_module.heavy_hitter_victim,
                   _eviction_module.observation_victim, *methods_of(_eviction_module.EvictingLayerCache)])
 
@@ -137,6 +142,9 @@ def h2o_reference(attn: torch.Tensor, budget: int, n_sinks: int, recent: int) ->
             scores[j] += attn[t, j]
         out.append(victim)
     return out
+
+
+_EVICTION_OFF[1].append(h2o_reference)
 
 
 def _recorded_maps() -> list[torch.Tensor]:
@@ -289,3 +297,85 @@ def check_v2_bytes_per_token(answer) -> None:
         raise AssertionError("not MLA's bytes per token: per layer, the latent (Dc numbers) and the one shared RoPE key "
                              "(Dr numbers), 2 bytes each, times the layers.")
     passed("my_v2_bytes_per_token")
+
+
+# --------------------------------------------------------------------------- reason: a sink's rotation
+
+SINK_SETUP = dict(query_pos=1000, budget=32, n_sinks=4, token=2)
+
+
+def sink_rotation_measured() -> int:
+    """Run positions 0..query_pos through an evicting cache of SINK_SETUP's shape (2 RoPE dims, one
+    head) and return the rotation (place - true position) its last read applies to `token`'s key."""
+    s = SINK_SETUP
+    layer = _eviction_module.EvictingLayerCache(s["budget"], n_sinks=s["n_sinks"], rope=(2, 10000.0))
+    z = torch.zeros(1, 1, 1, 2)
+    for t in range(s["query_pos"] + 1):
+        layer.update(z, z, torch.tensor([t]))
+    kept = layer.pos[0].tolist()
+    places = list(range(layer.length - len(kept), layer.length))
+    return places[kept.index(s["token"])] - s["token"]
+
+
+@learner_check
+def check_sink_rotation(answer) -> None:
+    """`answer`: by how many positions the key of sink token 2 is rotated when the query at 1000 reads."""
+    value = require_answer(answer, "my_sink_rotation")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AssertionError(f"my_sink_rotation should be a number of positions, got {type(value).__name__}.")
+    s = SINK_SETUP
+    truth = sink_rotation_measured()
+    place = s["token"] + truth
+    assert truth == s["query_pos"] - s["budget"] + 1  # the places run up to the query's position
+    wrong = {
+        place: f"{place} is the place the key is read at; the rotation is place - true position.",
+        s["query_pos"] - s["token"]: "that would move the sink next to the query; the other kept keys sit between "
+                                     "them: the cache's places run from the oldest kept token to the newest.",
+        0: "sinks are renumbered too: every kept key is read at its place in the cache, and a sink's true "
+           "position is far behind its place once tokens between them have been dropped.",
+        truth - 1: "off by one: the newest of the 32 kept tokens is at place 1000, so the oldest is at 969.",
+        truth + 1: "off by one: the newest of the 32 kept tokens is at place 1000, so the oldest is at 969.",
+    }
+    if value in wrong:
+        raise AssertionError(wrong[value])
+    if value != truth:
+        raise AssertionError("not the rotation: find the 32 places (the newest token's is the query's position), the "
+                             "sink's place among them, and subtract its true position.")
+    passed("my_sink_rotation")
+
+
+# --------------------------------------------------------------------------- experiment: a window's budget
+
+WINDOW_BUDGETS = (16, 24, 32, 48, 64)
+
+
+def window_budget_measured() -> tuple[int | None, dict]:
+    """The smallest of WINDOW_BUDGETS whose plain-window loss on the chapter's 8 validation windows is
+    within the family's seed noise of the full cache's, and every loss (live, on the shipped family)."""
+    from ...bench.frontier import family_windows, loss_through_cache
+    from ...data import load_shakespeare_text, train_val_split
+    from ...pretrained import load_cache_family
+
+    model, tok = load_cache_family("mha")
+    bos, noise = model.record["bos"]["id"], model.record["seed_noise_val_nats_per_char"]
+    x, y = family_windows(torch.tensor(tok.encode(train_val_split(load_shakespeare_text())[1])), bos, n_windows=8)
+    full = loss_through_cache(model, x, y, lambda B: model.new_cache(B, max_seq_len=x.size(1)))["nats_per_char"]
+    losses = {b: loss_through_cache(model, x, y, lambda B, b=b: _eviction_module.evicting_cache(model, B, b)
+                                    )["nats_per_char"] for b in WINDOW_BUDGETS}
+    within = [b for b, loss in losses.items() if loss - full <= noise]
+    return (min(within) if within else None), {"full": full, "noise": noise, **losses}
+
+
+@learner_check
+def check_window_budget(answer) -> None:
+    """`answer`: the smallest window budget (of WINDOW_BUDGETS) within the seed noise of the full cache."""
+    value = require_answer(answer, "my_window_budget")
+    if isinstance(value, bool) or value not in WINDOW_BUDGETS:
+        raise AssertionError(f"my_window_budget should be one of {WINDOW_BUDGETS}, got {value!r}.")
+    truth, losses = window_budget_measured()
+    if value != truth:
+        gaps = ", ".join(f"{b}: {losses[b] - losses['full']:+.4f}" for b in WINDOW_BUDGETS)
+        raise AssertionError(f"measured again, the losses against the full cache are {gaps} (seed noise "
+                             f"{losses['noise']:.4f}): the smallest budget within it is not {value}. Compare "
+                             "each window's loss minus the full cache's with the noise.")
+    passed("my_window_budget")
