@@ -17,7 +17,8 @@ from .cache import KVCache, kv_cache_bytes
 from .device import describe_device, pick_device, seed_everything, synchronize
 from .generation import decode_step, generate, generate_naive, next_token, prefill
 from .gpt import GPT, GPTConfig
-from .pretrained import from_hf_gpt2, load_cache_family, load_gpt2, load_shakespeare, to_hf_gpt2_state_dict
+from .pretrained import (from_hf_gpt2, load_cache_family, load_cache_family_record, load_gpt2, load_shakespeare,
+                         to_hf_gpt2_state_dict)
 from .sampling import SamplingConfig, logits_to_probs
 from .serving import generate_batch
 from .seq2seq import (CrossAttentionCache, EncoderDecoderCache, Seq2SeqConfig, Seq2SeqTransformer,
@@ -52,7 +53,7 @@ __all__ = [
     "CrossAttentionCache", "EncoderDecoderCache", "Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode",
     "generate_batch", "beam_search", "speculative_generate",
     # chapter 11
-    "MultiHeadLatentAttention", "kv_bytes_per_token", "load_cache_family",
+    "MultiHeadLatentAttention", "kv_bytes_per_token", "load_cache_family", "load_cache_family_record",
 ]
 
 # Load on first use (`kvlab.bench`, `from kvlab import checks`): the measurement wing is not part of

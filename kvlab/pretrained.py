@@ -10,6 +10,7 @@ the transposes and the names change. Built in chapter 3.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from .gpt import GPT, GPTConfig
 from .validation import check_choice
 
 __all__ = ["GPT2_NAMES", "GPT2_DOWNLOAD", "from_hf_gpt2", "to_hf_gpt2_state_dict", "load_gpt2", "hf_gpt2_config", "load_shakespeare",
-           "CACHE_FAMILY_DIR", "load_cache_family"]
+           "CACHE_FAMILY_DIR", "load_cache_family", "load_cache_family_record"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # d_model -> n_heads of each published GPT-2 size
@@ -324,3 +325,25 @@ def load_cache_family(member: str, path: str | os.PathLike | None = None, *,
         raise FileNotFoundError(f"chapter 11's family is not in this checkout: no {folder / 'model.safetensors'} "
                                 f"({CACHE_FAMILY_DIR} is written by scripts/train_cache_family.py)")
     return load_shakespeare(folder, device=device)
+
+
+def load_cache_family_record(path: str | os.PathLike | None = None) -> dict:
+    """The family's record (`data/cache_family/record.json`, written by
+    `scripts/train_cache_family.py`): every run's parameters, KV bytes per token and validation loss,
+    the baseline's second seed and `seed_noise_val_nats_per_char`, the recipe and the commands. `path`:
+    another folder holding an export. Built in chapter 11."""
+    from .data import checkout_root, repo_file
+
+    if path is not None:
+        file = Path(path) / "record.json"
+    else:
+        root = checkout_root()
+        file = root / CACHE_FAMILY_DIR / "record.json" if root is not None else repo_file(
+            f"{CACHE_FAMILY_DIR}/record.json")
+    if not file.is_file():
+        raise FileNotFoundError(f"no family record at {file} ({CACHE_FAMILY_DIR} is written by "
+                                "scripts/train_cache_family.py)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not the family's record (not JSON: {err}); train again to rewrite it") from err

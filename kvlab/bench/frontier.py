@@ -34,7 +34,7 @@ from ..lowbit import lowbit_cache
 from ..validation import check_positive_int
 
 __all__ = ["FRONTIER_METHODS", "family_windows", "loss_through_cache", "method_cache", "frontier", "long_context",
-           "sink_share", "plot_frontier"]
+           "attention_weights", "sink_share", "plot_frontier"]
 
 # KIVI's groups and exact recent tokens, scaled to 128-token windows (its authors' examples keep 32
 # exact tokens of contexts in the thousands; here 16 of 128 are already an eighth of the cache).
@@ -148,18 +148,18 @@ def long_context(model, ids: Tensor, bos: int, *, length: int = 512, n_windows: 
 
 
 @torch.inference_mode()
-def sink_share(model, x: Tensor, *, from_pos: int = 32) -> Tensor:
-    """(n_layers, n_heads): the mean attention weight that queries at positions >= `from_pos` put on
-    position 0 (the BOS of a family window), per layer and head. A uniform share would be the
-    mean of 1/(p + 1) over those positions. Built in chapter 11."""
-    shares = []
+def attention_weights(model, x: Tensor) -> list[Tensor]:
+    """The attention weights of every layer for inputs x (B, T), each (B, H, T, T): one full forward
+    with each attention layer asked for its weights (`return_weights=True`) through hooks. Built
+    in chapter 11."""
+    weights = []
 
     def ask_weights(module, args, kwargs):
         return args, {**kwargs, "return_weights": True}
 
     def keep_weights(module, args, kwargs, output):
-        out, weights = output  # weights (B, H, T, S)
-        shares.append(weights[:, :, from_pos:, 0].mean(dim=(0, 2)))
+        out, w = output  # w (B, H, T, S)
+        weights.append(w)
         return out
 
     hooks = []
@@ -171,7 +171,14 @@ def sink_share(model, x: Tensor, *, from_pos: int = 32) -> Tensor:
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(shares)
+    return weights
+
+
+def sink_share(model, x: Tensor, *, from_pos: int = 32) -> Tensor:
+    """(n_layers, n_heads): the mean attention weight that queries at positions >= `from_pos` put on
+    position 0 (the BOS of a family window), per layer and head. A uniform share would be the
+    mean of 1/(p + 1) over those positions. Built in chapter 11."""
+    return torch.stack([w[:, :, from_pos:, 0].mean(dim=(0, 2)) for w in attention_weights(model, x)])
 
 
 def plot_frontier(points: list[dict], ax=None, *, live: list[dict] | None = None):
