@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvlab"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("device", "files", "validation", "_cli")),
     ("text", ("tokenizers", "data", "data.batches", "data.seq2seq_toy")),
-    ("model parts", ("attention", "cache", "quantized", "layers", "latent")),
+    ("model parts", ("attention", "cache", "quantized", "layers", "latent", "eviction", "lowbit")),
     ("models", ("gpt", "seq2seq", "pretrained", "train")),
     ("generation", ("sampling", "compiled", "generation")),
     ("beyond one token", ("beam", "speculative", "paged", "serving", "cpu_kernels", "models")),
