@@ -12,7 +12,8 @@ A chapter 4 cache keeps every token (or, sliding, the newest W). An evicting cac
              head since it arrived (H2O's "heavy hitters" are the ones that stay)
     snapkv   the token with the least attention from the last Q queries (an observation window),
              the votes smoothed over 5 neighbouring tokens: SnapKV's scoring rule, applied here
-             at every eviction rather than once after the prompt
+             at every eviction rather than once after the prompt; the newest `recent` >= Q tokens
+             are never candidates (every candidate has all Q queries voting)
 Every policy keeps the newest `recent` tokens and the first `n_sinks`; the victim is found by one
 small function per policy (`window_victim`, `heavy_hitter_victim`, `observation_victim`).
 
@@ -93,6 +94,10 @@ class EvictingLayerCache:
         check_non_negative_int("n_sinks", n_sinks)
         check_positive_int("recent", recent)
         check_positive_int("observe_window", observe_window)
+        if policy == "snapkv" and recent < observe_window:
+            raise ValueError(f"policy 'snapkv' needs recent >= observe_window (got recent={recent}, observe_window="
+                             f"{observe_window}): a token newer than the observation window has fewer queries voting "
+                             "for it, so it must not be a candidate (SnapKV always keeps its observation window)")
         if n_sinks + recent >= budget:
             raise ValueError(f"n_sinks + recent must leave room to evict: got n_sinks={n_sinks}, recent={recent} "
                              f"for budget={budget} (need n_sinks + recent < budget)")
@@ -126,8 +131,8 @@ class EvictingLayerCache:
                              f"(it holds {self.kept}, {T} were fed); feed the rest one token at a time")
         pos = torch.as_tensor(input_pos, device=k.device).expand(B, T)
         fresh = torch.zeros(B, *((self.observe_window,) if self.policy == "snapkv" else ()), T, device=k.device)
-        if self.k is None:
-            self.k, self.v, self.pos, self.scores = k, v, pos, fresh
+        if self.k is None:  # copies: k and v may be views of the layer's fused q/k/v output
+            self.k, self.v, self.pos, self.scores = k.clone(), v.clone(), pos.clone(), fresh
         else:
             self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
             self.pos, self.scores = torch.cat([self.pos, pos], dim=1), torch.cat([self.scores, fresh], dim=-1)
@@ -202,10 +207,7 @@ def evicting_cache(model, batch_size: int, budget: int, policy: str = "window", 
     if c.window is not None and budget > c.window:
         raise ValueError(f"budget={budget} is larger than the model's attention window ({c.window}): keys beyond "
                          "the window are never attended, so keep budget <= window")
-    rope = (model.rope_dim, c.rope_base) if c.pos == "rope" else None
-    if rope is not None and model.rope_dim != c.head_dim:
-        raise ValueError(f"evicting_cache re-numbers whole RoPE keys; this model rotates {model.rope_dim} of "
-                         f"{c.head_dim} dims")
+    rope = (c.head_dim, c.rope_base) if c.pos == "rope" else None
     layers = [EvictingLayerCache(budget, policy, n_sinks=n_sinks, recent=recent, observe_window=observe_window,
                                  rope=rope) for _ in range(c.n_layers)]
     return KVCache(layers, "dynamic", batch_size=batch_size)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .quantized import group_size
+from .quantized import float16_down, float16_up, group_size
 from .validation import check_choice, check_positive_int
 
 __all__ = ["LOWBIT_BITS", "quantize_per_channel", "quantize_per_token", "dequantize", "pack_codes",
@@ -38,10 +38,13 @@ LOWBIT_BITS = (2, 4, 8)
 
 
 def _min_step(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """float16 minimum and step for the range [lo, hi] and 2^bits levels (a zero range gets step 1)."""
-    step = (hi - lo) / (2 ** bits - 1)
+    """float16 minimum and step for the range [lo, hi] and 2^bits levels, rounded outward as chapter 10
+    does (the minimum down, the step up), so the levels still cover the range after float16 rounding;
+    a zero range gets step 1."""
+    lo16 = float16_down(lo)
+    step = (hi - lo16.float()) / (2 ** bits - 1)
     step = torch.where(step > 0, step, torch.ones_like(step))
-    return lo.to(torch.float16), step.to(torch.float16)
+    return lo16, float16_up(step)
 
 
 def _codes(x: Tensor, lo: Tensor, step: Tensor, bits: int) -> Tensor:
@@ -123,14 +126,15 @@ class LowBitLayerCache:
         return torch.arange(int(input_pos[0]) + input_pos.numel())
 
     def update(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k_exact is None:
-            self.k_exact, self.v_exact = k, v
+        if self.k_exact is None:  # copies: k and v may be views of the layer's fused q/k/v output
+            self.k_exact, self.v_exact = k.clone(), v.clone()
         else:
             self.k_exact, self.v_exact = torch.cat([self.k_exact, k], dim=2), torch.cat([self.v_exact, v], dim=2)
         self.length = int(input_pos[-1]) + 1
         while self.k_exact.size(2) >= self.residual + self.group:  # the oldest exact group goes to low bits
-            k_old, self.k_exact = self.k_exact.split([self.group, self.k_exact.size(2) - self.group], dim=2)
-            v_old, self.v_exact = self.v_exact.split([self.group, self.v_exact.size(2) - self.group], dim=2)
+            k_old, v_old = self.k_exact[:, :, :self.group], self.v_exact[:, :, :self.group]
+            self.k_exact = self.k_exact[:, :, self.group:].clone()  # a copy: no view keeps the group alive
+            self.v_exact = self.v_exact[:, :, self.group:].clone()
             kc, klo, kstep = quantize_per_channel(k_old, self.bits)
             vc, vlo, vstep = quantize_per_token(v_old, self.bits)
             self.groups.append(dict(k=pack_codes(kc, self.bits), klo=klo, kstep=kstep,

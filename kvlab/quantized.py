@@ -33,7 +33,7 @@ from torch import Tensor
 from .cache import KVCache, SlidingWindowLayerCache, StaticLayerCache
 from .validation import check_positive_int
 
-__all__ = ["QUANTIZE_KINDS", "GROUP_SIZE", "group_size", "quantize_int8", "dequantize_int8",
+__all__ = ["QUANTIZE_KINDS", "GROUP_SIZE", "group_size", "float16_up", "float16_down", "quantize_int8", "dequantize_int8",
            "Int8StaticLayerCache", "Int8SlidingWindowLayerCache", "int8_cache"]
 
 QUANTIZE_KINDS = (None, "int8")
@@ -46,13 +46,13 @@ def group_size(head_dim: int) -> int:
     return math.gcd(head_dim, GROUP_SIZE)
 
 
-def _round_up(x: Tensor) -> Tensor:
+def float16_up(x: Tensor) -> Tensor:
     """float32 -> the smallest float16 >= x (x >= 0), so a step never shrinks in storage."""
     h = x.to(torch.float16)
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
 
 
-def _round_down(x: Tensor) -> Tensor:
+def float16_down(x: Tensor) -> Tensor:
     """float32 -> the largest float16 <= x, so no number falls below a stored minimum."""
     h = x.to(torch.float16)
     return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
@@ -70,8 +70,8 @@ def quantize_int8(x: Tensor, group: int | None = None) -> tuple[Tensor, Tensor, 
     D = x.size(-1)
     group = group or group_size(D)
     xg = x.float().unflatten(-1, (D // group, group))  # (..., G, group)
-    lo = _round_down(xg.amin(-1))  # (..., G) float16
-    step = _round_up((xg.amax(-1) - lo.float()) / 255.0)
+    lo = float16_down(xg.amin(-1))  # (..., G) float16
+    step = float16_up((xg.amax(-1) - lo.float()) / 255.0)
     step = torch.where(step > 0, step, torch.ones_like(step))
     q = torch.round((xg - lo.float()[..., None]) / step.float()[..., None]).clamp_(0, 255) - 128
     return q.to(torch.int8).flatten(-2), step, lo

@@ -75,7 +75,7 @@ def test_a_budget_the_sequence_fits_in_changes_nothing(any_model, policy, budget
     x = tokens(2, 20)
     with torch.no_grad():
         full = any_model(x)
-    cache = evicting_cache(any_model, 2, budget, policy, n_sinks=1, recent=2, observe_window=3)
+    cache = evicting_cache(any_model, 2, budget, policy, n_sinks=1, recent=3, observe_window=3)
     cached = teacher_forced(any_model, x, cache, prefill=5)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     assert cache.length == 20 and all(layer.evicted == 0 and layer.kept == 20 for layer in cache.layers)
@@ -125,7 +125,7 @@ def test_rope_rotations_compose():
 
 
 @pytest.mark.parametrize("policy, kwargs", [("window", dict(n_sinks=2)), ("h2o", dict(n_sinks=1, recent=2)),
-                                            ("snapkv", dict(recent=2, observe_window=3))])
+                                            ("snapkv", dict(recent=3, observe_window=3))])
 def test_kept_keys_are_the_keys_of_the_kept_tokens_placed_contiguously(rope_model, policy, kwargs):
     """Layer 0's keys depend only on the token and its position, so the keys an evicting cache returns
     must equal the keys a plain forward computes when the kept tokens stand contiguously at the places
@@ -176,7 +176,7 @@ def test_h2o_scores_are_the_attention_each_token_received(rope_model, prefill):
 def test_snapkv_keeps_the_last_rows_of_attention(rope_model):
     B, n, Q = 2, 11, 4
     x = tokens(B, n, seed=4)
-    cache = evicting_cache(rope_model, B, 16, "snapkv", observe_window=Q)
+    cache = evicting_cache(rope_model, B, 16, "snapkv", recent=Q, observe_window=Q)
     teacher_forced(rope_model, x, cache, prefill=5)
     for layer, w in zip(cache.layers, attention_weights(rope_model, x)):
         assert layer.scores.shape == (B, Q, n)
@@ -268,7 +268,7 @@ def test_the_cache_holds_copies_not_views_of_the_projection(any_model):
 
 
 def test_reset_empties_the_cache(rope_model):
-    cache = evicting_cache(rope_model, 2, 5, "snapkv", recent=2)
+    cache = evicting_cache(rope_model, 2, 5, "snapkv", recent=2, observe_window=2)
     teacher_forced(rope_model, tokens(2, 8), cache)
     cache.reset()
     assert cache.length == 0 and cache.nbytes == 0
@@ -282,6 +282,7 @@ def test_reset_empties_the_cache(rope_model):
     (dict(budget=8, n_sinks=-1), ValueError, "n_sinks"),
     (dict(budget=8, recent=0), ValueError, "recent"),
     (dict(budget=8, policy="snapkv", observe_window=0), ValueError, "observe_window"),
+    (dict(budget=8, policy="snapkv", recent=2, observe_window=3), ValueError, "recent >= observe_window"),
     (dict(budget=5, n_sinks=3, recent=2), ValueError, "n_sinks \\+ recent"),
     (dict(budget=5, n_sinks=4), ValueError, "n_sinks \\+ recent"),
     (dict(budget=1), ValueError, "n_sinks \\+ recent"),  # recent=1 leaves nothing to evict

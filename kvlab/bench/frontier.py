@@ -50,8 +50,8 @@ FRONTIER_METHODS: dict[str, tuple[str, str, dict]] = {
     **{f"window {b}": ("mha", "evict", dict(budget=b, policy="window")) for b in (16, 32, 64)},
     **{f"sinks 4 + window {b}": ("mha", "evict", dict(budget=b, policy="window", n_sinks=4)) for b in (16, 32, 64)},
     **{f"H2O {b}": ("mha", "evict", dict(budget=b, policy="h2o", recent=b // 2)) for b in (16, 32, 64)},
-    **{f"SnapKV vote {b}": ("mha", "evict", dict(budget=b, policy="snapkv", recent=b // 4, n_sinks=1))
-       for b in (16, 32, 64)},
+    **{f"SnapKV vote {b}": ("mha", "evict", dict(budget=b, policy="snapkv", recent=b // 4, observe_window=b // 4,
+                                                  n_sinks=1)) for b in (16, 32, 64)},
     "int8": ("mha", "int8", {}),
     **{f"KIVI {bits}-bit": ("mha", "lowbit", dict(bits=bits, **KIVI_SHORT)) for bits in (4, 2)},
     "MQA + KIVI 4-bit": ("mqa", "lowbit", dict(bits=4, **KIVI_SHORT)),
@@ -136,7 +136,8 @@ def long_context(model, ids: Tensor, bos: int, *, length: int = 512, n_windows: 
         f"window {budget}": lambda B: evicting_cache(model, B, budget),
         f"sinks 4 + window {budget}": lambda B: evicting_cache(model, B, budget, n_sinks=4),
         f"H2O {budget}": lambda B: evicting_cache(model, B, budget, "h2o", recent=budget // 2),
-        f"SnapKV vote {budget}": lambda B: evicting_cache(model, B, budget, "snapkv", recent=budget // 4, n_sinks=1),
+        f"SnapKV vote {budget}": lambda B: evicting_cache(model, B, budget, "snapkv", recent=budget // 4,
+                                                          observe_window=budget // 4, n_sinks=1),
     }
     out = {}
     with torch.inference_mode():
