@@ -102,6 +102,10 @@ def test_long_context_and_sink_shares(record, val_ids):
                                            "SnapKV vote 64"]
     expected = long_context(tiny_member("mha"), val_ids[0], 65, n_windows=LONG_WINDOWS)
     assert long["nats_per_char"] == pytest.approx(expected, abs=1e-4)
+    assert list(long["by_member"]) == ["mha", "gqa", "mqa"]  # every member an evicting cache can hold
+    assert long["by_member"]["mha"] == long["nats_per_char"]
+    assert long["by_member"]["mqa"] == pytest.approx(long_context(tiny_member("mqa"), val_ids[0], 65,
+                                                                  n_windows=LONG_WINDOWS), abs=1e-4)
     sinks = rec["sink_share"]
     assert (sinks["n_windows"], sinks["length"], sinks["from_pos"]) == (32, 128, 32)
     assert sinks["uniform"] == pytest.approx(sum(1 / (p + 1) for p in range(32, 128)) / 96, abs=1e-4)
