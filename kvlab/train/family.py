@@ -51,8 +51,9 @@ FAMILY_RUNS: dict[str, tuple[str, int]] = {
 }
 
 # The recipe all runs share (the seed aside): 1200 steps of 32 windows of 128 (4.9M tokens, about 4.9
-# epochs of the 1.0M training characters), about ten minutes of one core a run (measured on a busy 2-core Intel Xeon: 0.47 to
-# 0.71 CPU seconds a step, MLA the slowest; `scripts/train_cache_family.py --estimate` measures again).
+# epochs of the 1.0M training characters), about nine minutes of one core a run (measured on a 2-core
+# Intel Xeon, two runs at a time: 524 to 553 s a run, 960 to 977 s while other work shared the cores;
+# `scripts/train_cache_family.py --estimate` measures again).
 FAMILY_TRAIN = dict(batch_size=32, block_size=128, max_steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
                     eval_interval=200, eval_batches=8, checkpoint_interval=200, precision="fp32", progress=False,
                     bos_id=65)
