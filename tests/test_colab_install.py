@@ -7,7 +7,8 @@ runs under IPython with `google.colab` imported, as on Colab, so its `%pip insta
 change to the cell being the URL. Then, with the network closed (sockets refused, Hugging Face
 offline, Tiny Shakespeare from a local verified copy), every chapter's setup cells run (its
 code cells up to the one that imports kvlab), and the files the chapters read load from the
-installed package: the shipped Shakespeare model, every recorded benchmark, the corpus.
+installed package: the shipped Shakespeare model, chapter 11's model family, every recorded benchmark,
+the corpus.
 
 It tests the committed HEAD, not uncommitted edits. PyTorch and IPython stand for the ones a
 Colab runtime has preinstalled: those of the environment running the test, linked in, not
@@ -96,6 +97,8 @@ ids = torch.tensor([tok.encode("ROMEO:")])
 out = kvlab.generate(model, ids, max_new_tokens=8, temperature=0)
 summary["shakespeare_params"] = sum(p.numel() for p in model.parameters())
 summary["shakespeare_sample"] = tok.decode(out[0].tolist())
+summary["cache_family"] = {name: sum(p.numel() for p in kvlab.load_cache_family(name)[0].parameters())
+                           for name in ("mha", "gqa", "mqa", "mla")}
 summary["records"] = {}
 for path in sorted((kvlab.data.PACKAGE_DATA / "bench").glob("*.json")):
     assert kvlab.bench.load_recorded(path.stem), path.stem
@@ -225,14 +228,17 @@ def _simulate(tmp_path: Path) -> None:
     assert summary["checkout_root"] == "None"
     assert sorted(summary["setup_cells"]) == [p.name for p in notebooks]
     assert all(n >= 2 for n in summary["setup_cells"].values()), summary["setup_cells"]
-    # The installed package carries exactly the committed files under data/shakespeare and data/bench.
+    # The installed package carries exactly the committed files under the shipped folders (data/shakespeare,
+    # data/bench, ..., data/cache_family/NAME).
     committed = {}
     for folder in kvlab.data.SHIPPED_DIRS:
-        for path in sorted((clone / folder).iterdir()):
+        for path in sorted((clone / folder).rglob("*")):
             if path.is_file() and path.suffix != ".md":
                 committed[path.relative_to(clone / "data").as_posix()] = kvlab.data.sha256_bytes(path.read_bytes())
     assert summary["shipped"] == committed
     assert sorted(summary["records"]) == sorted(p.stem for p in (clone / "data/bench").glob("*.json"))
     assert summary["shakespeare_params"] > 1_000_000 and summary["shakespeare_sample"].startswith("ROMEO:")
+    assert sorted(summary["cache_family"]) == ["gqa", "mha", "mla", "mqa"]
+    assert all(800_000 < n < 803_000 for n in summary["cache_family"].values()), summary["cache_family"]
     assert summary["text_chars"] > 1_000_000
     print("installed:", summary["versions"], "sample:", repr(summary["shakespeare_sample"]))

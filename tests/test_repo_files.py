@@ -1,6 +1,7 @@
 """What ships with kvlab and where the course lives.
 
-The files under data/shakespeare and data/bench go into the installed package as kvlab/_data
+The files under data/shakespeare, data/bench and the other folders of kvlab.data.SHIPPED_DIRS (chapter
+11's model family among them, one folder per member) go into the installed package as kvlab/_data
 (pyproject.toml); an installed kvlab (as on Colab) reads them from there and never downloads
 them. The repository URL is written once, in _config.yml; the notebooks' install cells and the
 pages that write it out agree with it (scripts/set_repository.py writes them).
@@ -10,6 +11,7 @@ pages that write it out agree with it (scripts/set_repository.py writes them).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +25,9 @@ import yaml
 
 import kvlab
 from kvlab import data as kdata
+from kvlab.pretrained import load_shakespeare
+from kvlab.train import evaluate_split
+from kvlab.train.family import BOS_CHAR, CACHE_FAMILY, FAMILY_TRAIN, family_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,9 +43,10 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
 def shipped_on_disk() -> list[str]:
-    """Paths, relative to data/, of the files the package must carry."""
+    """Paths, relative to data/, of the files the package must carry (in folders inside a shipped
+    folder too, e.g. cache_family/mqa/)."""
     return sorted(p.relative_to(ROOT / "data").as_posix() for folder in kdata.SHIPPED_DIRS
-                  for p in (ROOT / folder).iterdir() if p.is_file() and p.suffix != ".md")
+                  for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix != ".md")
 
 
 # --------------------------------------------------------------------------- package data
@@ -49,13 +55,16 @@ def shipped_on_disk() -> list[str]:
 def test_package_data_covers_exactly_the_shipped_files():
     tool = PYPROJECT["tool"]["setuptools"]
     assert tool["package-dir"]["kvlab._data"] == "data"
-    # Every shipped folder is a data package of its own (kvlab._data.<folder>), listed in packages.
-    data_packages = {f"kvlab._data.{Path(folder).name}" for folder in kdata.SHIPPED_DIRS}
+    # Every folder holding shipped files is a data package of its own (kvlab._data.<folder>, or
+    # kvlab._data.<folder>.<subfolder>), listed in packages.
+    folders = {Path(folder).relative_to("data") for folder in kdata.SHIPPED_DIRS} | {
+        Path(f).parent for f in shipped_on_disk()}
+    data_packages = {"kvlab._data." + ".".join(folder.parts) for folder in folders}
     assert data_packages <= set(tool["packages"])
     assert set(tool["package-data"]) == data_packages
     matched = sorted({p.relative_to(ROOT / "data").as_posix()
                       for package, patterns in tool["package-data"].items() for pattern in patterns
-                      for p in (ROOT / "data" / package.rsplit(".", 1)[1]).glob(pattern) if p.is_file()})
+                      for p in (ROOT / "data").joinpath(*package.split(".")[2:]).glob(pattern) if p.is_file()})
     assert matched == shipped_on_disk(), (
         "pyproject.toml's package-data must match every file in the shipped data folders except the "
         "READMEs (and nothing else, e.g. not data/tinyshakespeare)")
@@ -78,6 +87,17 @@ def test_building_the_package_prints_no_setuptools_warning(tmp_path):
     wheel = zipfile.ZipFile(next(tmp_path.glob("kvlab-*.whl")))
     shipped = sorted(n.removeprefix("kvlab/_data/") for n in wheel.namelist() if n.startswith("kvlab/_data/"))
     assert shipped == shipped_on_disk()
+    # The wheel alone, with no checkout beside it, loads chapter 11's family from its package data.
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    code = ("import kvlab, kvlab.data\n"
+            "assert kvlab.data.checkout_root() is None and kvlab.__file__.startswith(%r), kvlab.__file__\n"
+            "model, tok = kvlab.load_cache_family('mla')\n"
+            "print(model.config.attention, tok.vocab_size, model.record['steps'])" % str(site))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["mla", "66", str(FAMILY_TRAIN["max_steps"])]
 
 
 def test_every_package_under_kvlab_is_listed():
@@ -121,6 +141,11 @@ def test_installed_kvlab_reads_the_package_data(installed):
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
     assert kdata.repo_file("data/shakespeare/config.json") == installed / "shakespeare/config.json"
+    family, _ = kvlab.load_cache_family("mqa")
+    for (name, a), b in zip(family.state_dict().items(), load_shakespeare(ROOT / "data/cache_family/mqa")[0]
+                            .state_dict().values()):
+        assert torch.equal(a, b), name
+    assert kdata.repo_file("data/cache_family/mqa/config.json") == installed / "cache_family/mqa/config.json"
 
 
 def test_installed_kvlab_names_a_missing_file(installed):
@@ -148,6 +173,54 @@ def test_unknown_records():
         kvlab.bench.load_recorded("cpu_nothing")
     with pytest.raises(ValueError, match="name"):
         kvlab.bench.load_recorded("../secrets")
+
+
+# --------------------------------------------------------------------------- chapter 11's family
+
+FAMILY = ROOT / "data/cache_family"
+
+
+def test_the_family_ships_finished_in_float16_within_its_budget():
+    from safetensors import safe_open
+
+    record = json.loads((FAMILY / "record.json").read_text())
+    assert record["smoke"] is False
+    total = 0
+    for member in CACHE_FAMILY:
+        folder = FAMILY / member
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "record.json",
+                                                            "tokenizer.json"]
+        assert record["runs"][member]["steps"] == FAMILY_TRAIN["max_steps"]
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, member
+        total += sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= 8 * 2**20, f"the family takes {total / 2**20:.2f} MB; the budget is 8 MB"
+
+
+@pytest.mark.parametrize("member", list(CACHE_FAMILY))
+def test_load_cache_family_gives_the_member_as_defined(member):
+    model, tok = kvlab.load_cache_family(member)
+    assert model.config == family_config(member)
+    assert not model.training and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert tok.vocab_size == 66 and tok.encode(BOS_CHAR) == [FAMILY_TRAIN["bos_id"]]
+    assert model.record["run"] == member and model.record["steps"] == FAMILY_TRAIN["max_steps"]
+
+
+@pytest.mark.parametrize("bad", ["mha-seed2", "MQA", "", None, 1])
+def test_load_cache_family_refuses_an_unknown_member(bad):
+    with pytest.raises(ValueError, match="member must be one of mha, gqa, mqa, mla"):
+        kvlab.load_cache_family(bad)
+
+
+@pytest.mark.skipif(not os.environ.get("KVLAB_SHAKESPEARE"),
+                    reason="recomputing the validation loss reads Tiny Shakespeare from $KVLAB_SHAKESPEARE")
+def test_a_members_recorded_validation_loss_is_reproduced():
+    from kvlab.data import load_shakespeare_text, train_val_split
+
+    model, tok = kvlab.load_cache_family("mqa")
+    ids = torch.tensor(tok.encode(train_val_split(load_shakespeare_text())[1]))
+    loss = evaluate_split(model, ids, 128, bos=FAMILY_TRAIN["bos_id"])
+    assert loss == pytest.approx(model.record["val_nats_per_char"], abs=2e-3)
 
 
 # --------------------------------------------------------------------------- the repository URL

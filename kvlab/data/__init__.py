@@ -158,7 +158,8 @@ def shakespeare_path(
 # them into the installed package as kvlab/_data/ (pyproject.toml: package-dir and
 # package-data), so a kvlab installed from git (as on Colab) has them without any download.
 
-SHIPPED_DIRS = ("data/shakespeare", "data/bench", "data/shakespeare_draft", "data/shakespeare_bpe")  # what an installed kvlab carries, as kvlab/_data/...
+SHIPPED_DIRS = ("data/shakespeare", "data/bench", "data/shakespeare_draft", "data/shakespeare_bpe",
+                "data/cache_family")  # what an installed kvlab carries, as kvlab/_data/...
 PACKAGE_DATA = pathlib.Path(__file__).resolve().parents[1] / "_data"  # data/ inside an installed kvlab
 
 
