@@ -240,7 +240,9 @@ def main() -> int:
                                  for n, r in results.items()},
               "train_config": family_train_config(0, **({"max_steps": args.steps} if args.steps else {})).to_dict()
               | {"seed": "1337 (1338 for mha-seed2)"},
-              "commands": list(dict.fromkeys(old.get("commands", []) + [f"KVLAB_SHAKESPEARE=... {command}"]))}
+              # read again: another process (--only other runs) may have written the record meanwhile
+              "commands": list(dict.fromkeys((read_json(record_path) or old).get("commands", [])
+                                             + [f"KVLAB_SHAKESPEARE=... {command}"]))}
     if "mha" in results and "mha-seed2" in results:
         record["seed_noise_val_nats_per_char"] = round(abs(results["mha"]["val_nats_per_char"]
                                                            - results["mha-seed2"]["val_nats_per_char"]), 4)

@@ -194,12 +194,16 @@ def plot_frontier(points: list[dict], ax=None, *, live: list[dict] | None = None
         name = p["label"].rsplit(" ", 1)[0] if p["kind"] == "evict" and not p["label"].startswith("MQA") else (
             "KIVI" if p["kind"] == "lowbit" and p["member"] == "mha" else p["label"])
         groups.setdefault(name, []).append(p)
-    for name, group in groups.items():
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every group its own
+    for i, (name, group) in enumerate(groups.items()):
         group = sorted(group, key=lambda p: p["bytes_per_token"])
         xs, ys = [p["bytes_per_token"] for p in group], [p["nats_per_char"] for p in group]
-        style = "o" if group[0]["kind"] in ("dense", "int8") or len(group) == 1 else "o-"
-        size = 9 if group[0]["kind"] == "dense" else 6
-        ax.plot(xs, ys, style, ms=size, label=name)
+        kind = group[0]["kind"]
+        marker = {"dense": "o", "int8": "D", "lowbit": "s"}.get(kind, "^")
+        if group[0]["label"].startswith("MQA +"):
+            marker = "*"  # two ideas combined
+        ax.plot(xs, ys, marker + ("-" if len(group) > 1 else ""), ms=10 if marker in "o*" else 6,
+                color=colors[(2 * i) % 20 + (i >= 10)], label=name)
     if live:
         ax.plot([p["bytes_per_token"] for p in live], [p["nats_per_char"] for p in live], "kx", ms=8,
                 label="measured in this run")
@@ -207,5 +211,5 @@ def plot_frontier(points: list[dict], ax=None, *, live: list[dict] | None = None
     ax.set_xlabel("KV cache bytes per token of context (log scale)")
     ax.set_ylabel("validation loss (nats per character)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the points
     return ax
