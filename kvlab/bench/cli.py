@@ -491,8 +491,7 @@ def _frontier_main(parser: Parser, args, command: str) -> int:
 
         from .frontier import plot_frontier
 
-        ax = plot_frontier(result["points"])
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
+        ax = plot_frontier(result["points"])  # its legend sits beside the axes
         ax.set_title(f"chapter 11's family: {args.frontier_windows} windows of {FRONTIER_LENGTH} validation "
                      f"characters, {result['device']}", fontsize=8)
         ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
