@@ -283,3 +283,24 @@ def test_sink_rotation_catches(offset, words):
     truth = sink_rotation_measured()
     answer = 0 if offset is None else truth + offset
     assert_fails(check_sink_rotation, answer, *words)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def test_window_budget_passes_the_measured_answer_and_refuses_its_neighbours(capsys):
+    from kvlab.course.checks.smaller import WINDOW_BUDGETS, check_window_budget, window_losses
+
+    losses = window_losses(WINDOW_BUDGETS)
+    within = [b for b in WINDOW_BUDGETS if losses[b] - losses["full"] <= losses["noise"]]
+    assert within, f"no window budget within the seed noise: {losses}"  # the exercise needs an answer
+    truth = min(within)
+    check_window_budget(truth)
+    assert "✓" in capsys.readouterr().out
+    assert_not_done(check_window_budget, None, capsys)
+    i = WINDOW_BUDGETS.index(truth)
+    if i + 1 < len(WINDOW_BUDGETS):
+        assert_fails(check_window_budget, WINDOW_BUDGETS[i + 1], "smaller budget")
+    if i > 0:
+        assert_fails(check_window_budget, WINDOW_BUDGETS[i - 1], "larger budget")
+    assert_fails(check_window_budget, 40, "one of")

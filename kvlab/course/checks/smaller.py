@@ -148,19 +148,30 @@ _EVICTION_OFF[1].append(h2o_reference)
 
 
 def _recorded_maps() -> list[torch.Tensor]:
-    """Attention maps, (T, T) lower-triangular, in multiples of 1/1024 (sums exact in any float type):
-    rows like a real head's (a few large weights, many small), summed over 4 heads."""
+    """Attention maps, (T, T) lower-triangular, summed over 4 heads and rounded to multiples of 1/1024
+    (so every sum of them is exact in any float type, and no answer parts from the reference by
+    rounding): two drawn like a real head's rows (a few large weights, many small), and one recorded
+    from the shipped family's multi-head member (layer 1, the first 64 characters of the validation
+    text after BOS)."""
+    from ...bench.frontier import attention_weights
+    from ...data import load_shakespeare_text, train_val_split
+    from ...pretrained import load_cache_family
+
     g = torch.Generator().manual_seed(11)
     maps = []
     for T in (24, 40):
         logits = torch.randn(4, T, T, generator=g) * 2.5
         logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        w = (logits.softmax(-1) * 1024).round() / 1024
-        maps.append(w.sum(0))
+        maps.append(((logits.softmax(-1) * 1024).round() / 1024).sum(0))
+    model, tok = load_cache_family("mha")
+    ids = tok.encode(train_val_split(load_shakespeare_text())[1][:63])
+    x = torch.tensor([[model.record["bos"]["id"], *ids]])
+    maps.append(((attention_weights(model, x)[1][0] * 1024).round() / 1024).sum(0))  # (64, 64)
     return maps
 
 
-_H2O_CASES = ((0, 8, 0, 2), (0, 8, 2, 3), (1, 12, 1, 4), (1, 6, 0, 1))  # (map, budget, n_sinks, recent)
+_H2O_CASES = ((0, 8, 0, 2), (0, 8, 2, 3), (1, 12, 1, 4), (1, 6, 0, 1), (2, 16, 0, 4), (2, 24, 2, 8))
+# (map, budget, n_sinks, recent)
 
 
 @learner_check
@@ -173,7 +184,8 @@ def check_h2o_evictions(fn: Callable) -> None:
         got = call_learner(fn, attn.clone(), budget, n_sinks, recent, name="my_h2o_evictions", without=_EVICTION_OFF)
         if isinstance(got, torch.Tensor):
             got = got.tolist()
-        where = f"[T={attn.size(0)}, budget={budget}, n_sinks={n_sinks}, recent={recent}]"
+        where = (f"[{'the recorded map' if m == 2 else 'a drawn map'}, T={attn.size(0)}, budget={budget}, "
+                 f"n_sinks={n_sinks}, recent={recent}]")
         if not isinstance(got, (list, tuple)) or len(got) != attn.size(0):
             raise AssertionError(f"{where} return one entry per step ({attn.size(0)}): the token evicted then, or -1.")
         got = [int(x) for x in got]
