@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 __all__ = ["DelegationRefused", "ExerciseNotDone", "MODEL_STYLES", "NOT_DONE_MARK", "PASS_MARK", "call_learner",
-           "close", "is_not_done_line", "learner_check", "methods_of", "passed", "require_answer", "small_model",
-           "without_kvlab"]
+           "close", "is_not_done_line", "judge_number", "learner_check", "methods_of", "passed", "require_answer",
+           "small_model", "without_kvlab"]
 
 PASS_MARK = "✓ "  # starts the line a passing check prints
 NOT_DONE_MARK = "✗ "  # starts the line a check prints for an exercise not attempted yet
@@ -156,6 +156,16 @@ def close(actual: Any, expected: torch.Tensor, hint: str, *, atol: float = 1e-5,
 def passed(what: str) -> None:
     """The one line a notebook shows when a check succeeds."""
     print(f"{PASS_MARK}{what}: all checks passed")
+
+
+def judge_number(value, truth, wrong: dict, hint: str, name: str) -> None:
+    """A numeric answer: the catalogued hint for a known wrong value (`wrong`: value -> hint), `hint`
+    for any other value that is not `truth`, else the pass line for `name`."""
+    if value in wrong:
+        raise AssertionError(wrong[value])
+    if value != truth:
+        raise AssertionError(hint)
+    passed(name)
 
 
 # The two decoder styles the cache checks run every answer through: GPT-2's and a Llama-style

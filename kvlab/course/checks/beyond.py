@@ -25,7 +25,8 @@ from ... import cache as _cache_module
 from ... import quantized as _quantized_module
 from ... import speculative as _speculative_module
 from ...beam import reorder_cache
-from ._common import call_learner, close, learner_check, methods_of, passed, require_answer, small_model
+from ._common import (call_learner, close, judge_number, learner_check, methods_of, passed, require_answer,
+                      small_model)
 
 __all__ = ["check_reorder_cache", "check_greedy_round", "check_accept_sampled", "check_int8_quantizer",
            "check_acceptance_rate", "check_int8_bytes_per_token", "check_tokens_per_round", "check_int8_parting",
@@ -178,12 +179,9 @@ def check_int8_bytes_per_token(answer) -> None:
         L * 2 * (H * D + (D // 32) * 4): "that is one set of steps for all heads together; here each head has its own.",
         L * 2 * H * D * 4: "that is the float32 cache: int8 stores one byte per number.",
     }
-    if value in wrong:
-        raise AssertionError(wrong[value])
-    if value != truth:
-        raise AssertionError("not the int8 cache's bytes per token: count, per layer, keys and values, per head "
-                             "head_dim int8 numbers plus a float16 step and a float16 minimum per group of 32.")
-    passed("my_int8_bytes_per_token")
+    judge_number(value, truth, wrong, "not the int8 cache's bytes per token: count, per layer, keys and values, per "
+                 "head head_dim int8 numbers plus a float16 step and a float16 minimum per group of 32.",
+                 "my_int8_bytes_per_token")
 
 
 # --------------------------------------------------------------------------- build step: one greedy round

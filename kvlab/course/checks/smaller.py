@@ -24,7 +24,7 @@ from ... import eviction as _eviction_module
 from ... import latent as _latent_module
 from ... import lowbit as _lowbit_module
 from ... import quantized as _quantized_module
-from ._common import call_learner, close, learner_check, methods_of, passed, require_answer
+from ._common import call_learner, close, judge_number, learner_check, methods_of, passed, require_answer
 
 __all__ = ["check_mla_absorbed", "check_h2o_evictions", "check_key_quantizer", "check_v2_bytes_per_token",
            "check_sink_rotation", "check_window_budget", "h2o_reference", "sink_rotation_measured",
@@ -303,12 +303,8 @@ def check_v2_bytes_per_token(answer) -> None:
         L * (Dc + H * Dr) * 2: "the RoPE key is shared by all heads: Dr numbers per layer, not H·Dr.",
         L * 2 * H * D * 2: "that is multi-head attention's cache for this shape (128 heads of 128 keys and values).",
     }
-    if value in wrong:
-        raise AssertionError(wrong[value])
-    if value != truth:
-        raise AssertionError("not MLA's bytes per token: per layer, the latent (Dc numbers) and the one shared RoPE key "
-                             "(Dr numbers), 2 bytes each, times the layers.")
-    passed("my_v2_bytes_per_token")
+    judge_number(value, truth, wrong, "not MLA's bytes per token: per layer, the latent (Dc numbers) and the one "
+                 "shared RoPE key (Dr numbers), 2 bytes each, times the layers.", "my_v2_bytes_per_token")
 
 
 # --------------------------------------------------------------------------- reason: a sink's rotation
@@ -348,12 +344,8 @@ def check_sink_rotation(answer) -> None:
         truth - 1: "off by one: the newest of the 32 kept tokens is at place 1000, so the oldest is at 969.",
         truth + 1: "off by one: the newest of the 32 kept tokens is at place 1000, so the oldest is at 969.",
     }
-    if value in wrong:
-        raise AssertionError(wrong[value])
-    if value != truth:
-        raise AssertionError("not the rotation: find the 32 places (the newest token's is the query's position), the "
-                             "sink's place among them, and subtract its true position.")
-    passed("my_sink_rotation")
+    judge_number(value, truth, wrong, "not the rotation: find the 32 places (the newest token's is the query's "
+                 "position), the sink's place among them, and subtract its true position.", "my_sink_rotation")
 
 
 # --------------------------------------------------------------------------- experiment: a window's budget
