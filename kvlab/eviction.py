@@ -27,7 +27,8 @@ rotates every kept key by (its place) - (its true position), zero for a contiguo
 The policies that score need this step's attention: the model's attention calls `observe(q)` on
 any layer cache that has it, right after `update`, and the cache computes the weights it needs
 from its own keys. Decoding feeds one token at a time; a prefill may feed up to `budget` tokens
-at once. Built in chapter 11.
+at once. Chapter 10's `reorder` and `crop` are not offered: beam search and speculative decoding
+need a cache that keeps every token. Built in chapter 11.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ A b-bit code is an integer 0 .. 2^b - 1, packed 8/b to a byte; each minimum and 
 Per token and head that is b·D/8 bytes of key codes plus 4·D/G of key statistics, and b·D/8 of
 value codes plus 4 of value statistics (D ≤ 32; one pair per 32 channels above that); `nbytes`
 counts exactly the tensors held. Attention still runs in the model's dtype on the dequantized
-keys and values, rebuilt at every read: the saving is in what is kept. Built in chapter 11.
+keys and values, rebuilt at every read: the saving is in what is kept. Chapter 10's `reorder` and
+`crop` are not offered (a crop would have to split a quantized group). Built in chapter 11.
 """
 
 from __future__ import annotations

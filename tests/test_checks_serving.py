@@ -488,7 +488,8 @@ def test_prefilled_tokens(capsys):
     assert "✓ my_prefilled" in capsys.readouterr().out
     assert_not_done(check_prefilled_tokens, None, capsys=capsys)
     for wrong, hint in (((20, 1), "full blocks"), ((120, 1), "still in the cache"), ((24, 0), "logits"),
-                        ((24, 96), "6 blocks"), ("24", "two ints")):
+                        ((24, 96), "6 blocks"), ((23, 1), "first request"), ((24, 2), "second request"),
+                        ("24", "two ints")):
         with pytest.raises(AssertionError, match=hint):
             check_prefilled_tokens(wrong)
 

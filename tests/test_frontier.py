@@ -144,3 +144,18 @@ def test_sink_share_of_uniform_attention_is_the_mean_of_one_over_p_plus_one(styl
     share = sink_share(model, x, from_pos=8)
     expected = torch.tensor([1 / (p + 1) for p in range(8, 24)]).mean()
     torch.testing.assert_close(share, expected.expand(2, 4), atol=1e-6, rtol=1e-5)
+
+
+def test_the_committed_record_was_measured_with_these_methods():
+    """data/bench/cpu_frontier.json, which chapter 11 plots, describes FRONTIER_METHODS as they are: the
+    same labels in the same order, each with the same member, cache kind and arguments."""
+    import json
+    from pathlib import Path
+
+    from kvlab.bench.frontier import FRONTIER_METHODS, eviction_settings
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "data/bench/cpu_frontier.json").read_text())
+    assert [p["label"] for p in record["points"]] == list(FRONTIER_METHODS)
+    for p in record["points"]:
+        assert (p["member"], p["kind"], p["args"]) == FRONTIER_METHODS[p["label"]], p["label"]
+    assert list(record["long_context"]["nats_per_char"])[1:] == list(eviction_settings(record["long_context"]["budget"]))

@@ -33,12 +33,29 @@ from ..eviction import evicting_cache
 from ..lowbit import lowbit_cache
 from ..validation import check_positive_int
 
-__all__ = ["FRONTIER_METHODS", "family_windows", "loss_through_cache", "method_cache", "frontier", "long_context",
+__all__ = ["EVICTION_POLICY_SETTINGS", "eviction_settings", "FRONTIER_METHODS", "family_windows", "loss_through_cache",
+           "method_cache", "frontier", "long_context",
            "attention_weights", "sink_share", "plot_frontier"]
 
 # KIVI's groups and exact recent tokens, scaled to 128-token windows (its authors' examples keep 32
 # exact tokens of contexts in the thousands; here 16 of 128 are already an eighth of the cache).
 KIVI_SHORT = dict(group=16, residual=16)
+
+# The four eviction policies as chapter 11 measures them at a budget b: label prefix -> the arguments of
+# `evicting_cache`. H2O protects the newest half of its budget; SnapKV the newest quarter, voting with as
+# many queries (its rule needs recent >= observe_window), plus one sink.
+EVICTION_POLICY_SETTINGS: dict[str, Callable[[int], dict]] = {
+    "window": lambda b: dict(budget=b, policy="window"),
+    "sinks 4 + window": lambda b: dict(budget=b, policy="window", n_sinks=4),
+    "H2O": lambda b: dict(budget=b, policy="h2o", recent=b // 2),
+    "SnapKV vote": lambda b: dict(budget=b, policy="snapkv", recent=b // 4, observe_window=b // 4, n_sinks=1),
+}
+
+
+def eviction_settings(budget: int) -> dict[str, dict]:
+    """{"window 32": evicting_cache's arguments, ...}: the four policies at `budget`. Built in chapter 11."""
+    return {f"{name} {budget}": make(budget) for name, make in EVICTION_POLICY_SETTINGS.items()}
+
 
 # label -> (family member, cache maker name, its arguments). Eviction and low bits are measured on the
 # baseline (mha); two combinations show what composes. Bytes are float32 unless the method stores less.
@@ -47,15 +64,12 @@ FRONTIER_METHODS: dict[str, tuple[str, str, dict]] = {
     "GQA (2 KV heads)": ("gqa", "dense", {}),
     "MQA (1 KV head)": ("mqa", "dense", {}),
     "MLA (latent 48 + RoPE 16)": ("mla", "dense", {}),
-    **{f"window {b}": ("mha", "evict", dict(budget=b, policy="window")) for b in (16, 32, 64)},
-    **{f"sinks 4 + window {b}": ("mha", "evict", dict(budget=b, policy="window", n_sinks=4)) for b in (16, 32, 64)},
-    **{f"H2O {b}": ("mha", "evict", dict(budget=b, policy="h2o", recent=b // 2)) for b in (16, 32, 64)},
-    **{f"SnapKV vote {b}": ("mha", "evict", dict(budget=b, policy="snapkv", recent=b // 4, observe_window=b // 4,
-                                                  n_sinks=1)) for b in (16, 32, 64)},
+    **{f"{name} {b}": ("mha", "evict", make(b))
+       for name, make in EVICTION_POLICY_SETTINGS.items() for b in (16, 32, 64)},
     "int8": ("mha", "int8", {}),
     **{f"KIVI {bits}-bit": ("mha", "lowbit", dict(bits=bits, **KIVI_SHORT)) for bits in (4, 2)},
     "MQA + KIVI 4-bit": ("mqa", "lowbit", dict(bits=4, **KIVI_SHORT)),
-    "MQA + sinks 4 + window 32": ("mqa", "evict", dict(budget=32, policy="window", n_sinks=4)),
+    "MQA + sinks 4 + window 32": ("mqa", "evict", EVICTION_POLICY_SETTINGS["sinks 4 + window"](32)),
 }
 
 
@@ -87,6 +101,11 @@ def method_cache(model, kind: str, batch_size: int, length: int, **kwargs):
     raise ValueError(f"kind must be one of dense, int8, evict, lowbit; got {kind!r}")
 
 
+def _fed_one_at_a_time(model, x: Tensor, cache) -> Tensor:
+    """Logits (B, L, V) of x (B, L) fed one token per forward through `cache`, as generation feeds it."""
+    return torch.cat([model.forward_unchecked(x[:, t:t + 1], cache, t) for t in range(x.size(1))], dim=1)
+
+
 @torch.inference_mode()
 def loss_through_cache(model, x: Tensor, y: Tensor, make_cache: Callable[[int], object]) -> dict:
     """Feed x (B, L) one token per forward through `make_cache(B)`; return nats_per_char against
@@ -94,7 +113,7 @@ def loss_through_cache(model, x: Tensor, y: Tensor, make_cache: Callable[[int], 
     the last token / (B·L)). Built in chapter 11."""
     B, L = x.shape
     cache = make_cache(B)
-    logits = torch.cat([model.forward_unchecked(x[:, t:t + 1], cache, t) for t in range(L)], dim=1)  # (B, L, V)
+    logits = _fed_one_at_a_time(model, x, cache)  # (B, L, V)
     full = model(x)
     return {
         "nats_per_char": F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item(),
@@ -131,19 +150,13 @@ def long_context(model, ids: Tensor, bos: int, *, length: int = 512, n_windows: 
     model's sliding window (its own attention window, all of it kept) and through evicting caches
     of `budget` tokens; nats per character over the positions >= `past`. Built in chapter 11."""
     x, y = family_windows(ids, bos, length=length, n_windows=n_windows)
-    methods = {
-        f"sliding window {model.config.window}": lambda B: model.new_cache(B, kind="sliding"),
-        f"window {budget}": lambda B: evicting_cache(model, B, budget),
-        f"sinks 4 + window {budget}": lambda B: evicting_cache(model, B, budget, n_sinks=4),
-        f"H2O {budget}": lambda B: evicting_cache(model, B, budget, "h2o", recent=budget // 2),
-        f"SnapKV vote {budget}": lambda B: evicting_cache(model, B, budget, "snapkv", recent=budget // 4,
-                                                          observe_window=budget // 4, n_sinks=1),
-    }
+    methods = {f"sliding window {model.config.window}": lambda B: model.new_cache(B, kind="sliding"),
+               **{label: (lambda B, kw=kw: evicting_cache(model, B, **kw))
+                  for label, kw in eviction_settings(budget).items()}}
     out = {}
     with torch.inference_mode():
         for label, make in methods.items():
-            cache = make(x.size(0))
-            logits = torch.cat([model.forward_unchecked(x[:, t:t + 1], cache, t) for t in range(length)], dim=1)
+            logits = _fed_one_at_a_time(model, x, make(x.size(0)))
             out[label] = F.cross_entropy(logits[:, past:].flatten(0, 1).float(), y[:, past:].flatten()).item()
     return out
 
@@ -194,7 +207,7 @@ def plot_frontier(points: list[dict], ax=None, *, live: list[dict] | None = None
         name = p["label"].rsplit(" ", 1)[0] if p["kind"] == "evict" and not p["label"].startswith("MQA") else (
             "KIVI" if p["kind"] == "lowbit" and p["member"] == "mha" else p["label"])
         groups.setdefault(name, []).append(p)
-    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every group its own
+    colors = plt.get_cmap("tab20").colors  # pairs (dark, light): the ten dark ones first, then their light twins
     for i, (name, group) in enumerate(groups.items()):
         group = sorted(group, key=lambda p: p["bytes_per_token"])
         xs, ys = [p["bytes_per_token"] for p in group], [p["nats_per_char"] for p in group]

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 __all__ = ["DelegationRefused", "ExerciseNotDone", "MODEL_STYLES", "NOT_DONE_MARK", "PASS_MARK", "call_learner",
-           "close", "is_not_done_line", "judge_number", "learner_check", "methods_of", "passed", "require_answer",
-           "small_model", "without_kvlab"]
+           "close", "is_not_done_line", "judge_number", "learner_check", "methods_of", "passed", "reject_number",
+           "require_answer", "small_model", "without_kvlab"]
 
 PASS_MARK = "✓ "  # starts the line a passing check prints
 NOT_DONE_MARK = "✗ "  # starts the line a check prints for an exercise not attempted yet
@@ -158,13 +158,18 @@ def passed(what: str) -> None:
     print(f"{PASS_MARK}{what}: all checks passed")
 
 
-def judge_number(value, truth, wrong: dict, hint: str, name: str) -> None:
-    """A numeric answer: the catalogued hint for a known wrong value (`wrong`: value -> hint), `hint`
-    for any other value that is not `truth`, else the pass line for `name`."""
+def reject_number(value, truth, wrong: dict, hint: str) -> None:
+    """Raise for a numeric answer that is not `truth`: the catalogued hint for a known wrong value
+    (`wrong`: value -> hint), else `hint`."""
     if value in wrong:
         raise AssertionError(wrong[value])
     if value != truth:
         raise AssertionError(hint)
+
+
+def judge_number(value, truth, wrong: dict, hint: str, name: str) -> None:
+    """`reject_number`, then the pass line for `name`."""
+    reject_number(value, truth, wrong, hint)
     passed(name)
 
 

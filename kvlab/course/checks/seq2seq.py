@@ -187,6 +187,15 @@ def _same_up_to_eos(got: torch.Tensor, expected: torch.Tensor, eos_id: int) -> b
     return True
 
 
+def _projected_once(projections: int, n_layers: int, steps: int, where: str) -> None:
+    """Fail unless the cross-attention keys and values were projected once per layer for a whole decode."""
+    if projections != n_layers:
+        raise AssertionError(
+            f"{where} your tokens are right, but the cross-attention keys and values were projected {projections} "
+            f"times for {steps} steps of a {n_layers}-layer decoder. They depend only on the source: project them "
+            f"once per layer ({n_layers} in all) and reuse them.")
+
+
 def _token_hints(got, expected: torch.Tensor, c: Seq2SeqConfig, where: str) -> None:
     """The mistakes of a greedy loop's bookkeeping that leave the tokens themselves right."""
     if not isinstance(got, torch.Tensor):
@@ -227,11 +236,7 @@ def check_greedy_decode(fn: Callable) -> None:
         _token_hints(got, expected, c, where)
         close(got, expected, f"{where} feed BOS first, then each step's argmax token, at consecutive positions; "
                              "the source's padding must be masked (model.encode and the cache do it for you).")
-        if len(calls) != c.n_layers:
-            raise AssertionError(
-                f"{where} your tokens are right, but the cross-attention keys and values were projected "
-                f"{len(calls)} times for {expected.size(1)} steps of a {c.n_layers}-layer decoder. They depend "
-                f"only on the source: project them once per layer ({c.n_layers} in all) and reuse them.")
+        _projected_once(len(calls), c.n_layers, expected.size(1), where)
     passed("my_greedy_decode")
 
 
@@ -542,11 +547,7 @@ def check_greedy_by_hand(fn: Callable) -> None:
                                  "each step's token goes to the position after the previous one.")
         close(got, expected, f"{where} start every row from BOS, feed back each step's argmax token, and pass the "
                              "source's padding mask; build steps 1 to 3 must pass first.")
-        if len(rows) != c.n_layers:
-            raise AssertionError(
-                f"{where} your tokens are right, but the cross-attention keys and values were projected "
-                f"{len(rows)} times for {expected.size(1)} steps of a {c.n_layers}-layer decoder. They depend "
-                "only on the source.")
+        _projected_once(len(rows), c.n_layers, expected.size(1), where)
         if any(r != B for r in fed):
             raise AssertionError(
                 f"{where} your tokens are right, but the decoder was fed {sorted(set(fed))} token rows per call "

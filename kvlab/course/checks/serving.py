@@ -21,7 +21,7 @@ import random
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._common import call_learner, learner_check, passed, require_answer, small_model
+from ._common import call_learner, learner_check, passed, reject_number, require_answer, small_model
 
 __all__ = ["check_block_manager", "check_paged_write", "check_paged_attention", "check_schedule",
            "check_prefix_cache", "check_left_pad", "check_block_size_waste", "check_prefilled_tokens",
@@ -512,20 +512,16 @@ def check_prefilled_tokens(answer) -> None:
             isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in answer):
         raise AssertionError(f"answer with two ints, (first, second), got {answer!r}")
     first, second = answer
-    if first != 24:
-        if first == 20:
-            raise AssertionError("only full blocks are cached: 100 is not a multiple of 16, so the system prompt's "
-                                 "last 4 tokens are in a partly filled block that was never shared")
-        if first == 120:
-            raise AssertionError("the system prompt's full blocks are still in the cache: those are not prefilled")
-        raise AssertionError(f"first request: {first} is not the number of its tokens outside the cached full blocks")
-    if second != 1:
-        if second == 0:
-            raise AssertionError("the first new token is sampled from the logits after the prompt's last token, and "
-                                 "a cache holds keys and values, not logits: something must still run")
-        if second == 96:
-            raise AssertionError("every one of its 6 blocks is in the cache")
-        raise AssertionError(f"second request: {second} is not what it must compute to get its first token")
+    reject_number(first, 24, {
+        20: "only full blocks are cached: 100 is not a multiple of 16, so the system prompt's last 4 tokens are in "
+            "a partly filled block that was never shared",
+        120: "the system prompt's full blocks are still in the cache: those are not prefilled",
+    }, f"first request: {first} is not the number of its tokens outside the cached full blocks")
+    reject_number(second, 1, {
+        0: "the first new token is sampled from the logits after the prompt's last token, and a cache holds keys "
+           "and values, not logits: something must still run",
+        96: "every one of its 6 blocks is in the cache",
+    }, f"second request: {second} is not what it must compute to get its first token")
     passed("my_prefilled")
 
 

@@ -33,10 +33,6 @@ __all__ = ["check_mla_absorbed", "check_h2o_evictions", "check_key_quantizer", "
 
 # --------------------------------------------------------------------------- build step: absorbed MLA
 
-_MLA_OFF = ("latent attention (MultiHeadLatentAttention's forms, and this check's own reference)",
-            [*methods_of(_latent_module.MultiHeadLatentAttention)])
-
-
 def mla_naive_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale, mask):
     """Decompress, then attend, written out: (B, H, T, Dn)."""
     k_nope = torch.einsum("bsc,hdc->bhsd", latent[:, 0], w_uk)  # (B, H, S, Dn)
@@ -50,7 +46,8 @@ def mla_naive_reference(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale, mask)
     return scores.softmax(-1) @ v
 
 
-_MLA_OFF[1].append(mla_naive_reference)
+_MLA_OFF = ("latent attention (MultiHeadLatentAttention's forms, and this check's own reference)",
+            [*methods_of(_latent_module.MultiHeadLatentAttention), mla_naive_reference])
 
 
 class _Watch(TorchFunctionMode):
@@ -117,11 +114,6 @@ def check_mla_absorbed(fn: Callable) -> None:
 
 # --------------------------------------------------------------------------- build step: heavy hitters
 
-_EVICTION_OFF = ("eviction policies (kvlab.eviction, and this check's own reference)",
-                 [_eviction_module.window_victim, _eviction_module.heavy_hitter_victim,
-                  _eviction_module.observation_victim, *methods_of(_eviction_module.EvictingLayerCache)])
-
-
 def h2o_reference(attn: torch.Tensor, budget: int, n_sinks: int, recent: int) -> list[int]:
     """The token evicted at each step (-1: none) when a cache of `budget` tokens runs H2O over the
     recorded attention map `attn` (T, T): token t joins, then, if the cache is over budget, the kept
@@ -144,7 +136,10 @@ def h2o_reference(attn: torch.Tensor, budget: int, n_sinks: int, recent: int) ->
     return out
 
 
-_EVICTION_OFF[1].append(h2o_reference)
+_EVICTION_OFF = ("eviction policies (kvlab.eviction, and this check's own reference)",
+                 [_eviction_module.window_victim, _eviction_module.heavy_hitter_victim,
+                  _eviction_module.observation_victim, *methods_of(_eviction_module.EvictingLayerCache),
+                  h2o_reference])
 
 
 def _recorded_maps() -> list[torch.Tensor]:
