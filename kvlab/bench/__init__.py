@@ -8,7 +8,10 @@ and the generation loop never meets a timer. Its modules:
     cache_speedup  the speed-up table: generation with and without the cache, by number of new tokens (chapter 5)
     serving        the serving engine against one request at a time, batch sweeps (chapter 9)
     chapter10      speculative decoding, the int8 cache and beam search, measured (chapter 10)
-    cli            `python -m kvlab.bench` (a sweep, --speedup-table, --serving, --beyond); a
+    serving_hf     the serving engine against transformers' generate_batch (chapter 9)
+    frontier       loss against cache bytes per token for every way of shrinking the cache, the
+                   sink share, eviction past the training length (chapter 11)
+    cli            `python -m kvlab.bench` (a sweep, --speedup-table, --serving, --beyond, --frontier); a
                    command line, so imported only by `python -m kvlab.bench` (`kvlab.bench.cli.main`)
 
     python -m kvlab.bench --help
